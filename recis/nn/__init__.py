@@ -1,0 +1,1 @@
+"""Modules: the HashTable embedding, its initializers and its differentiable lookup."""

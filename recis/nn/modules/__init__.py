@@ -1,0 +1,3 @@
+from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+
+__all__ = ["HashTable", "filter_out_sparse_param"]

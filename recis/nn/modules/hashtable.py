@@ -1,0 +1,363 @@
+"""HashTable: a dynamic embedding table keyed by arbitrary int64 ids.
+
+A table grows when it meets a new id in training mode. Its rows are not
+``nn.Parameter``s: ``model.parameters()`` yields dense parameters only, and the
+table's gradient is kept as pending (row, gradient) pairs for a sparse optimizer of
+``recis.optim``. ``filter_out_sparse_param(model)`` finds the tables of a model.
+
+Storage: a 2-D ``weight`` of ``len(table)`` rows of ``embedding_dim`` elements, in
+insertion order, plus the optimizer slots (one 2-D tensor per slot name, same rows).
+Rows and slots live in buffers with spare capacity that double when full.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from recis.nn.functional import row_lookup
+from recis.nn.initializers import Initializer, default_initializer
+from recis.ops import IdMap, coalesce_rows
+
+_SLOT_PREFIX = "slots."
+
+
+def _normalize_shape(embedding_shape: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (embedding_shape,) if isinstance(embedding_shape, int) else tuple(embedding_shape)
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"embedding_shape must be a positive int or a list of positive ints, got {embedding_shape!r}")
+    return shape
+
+
+class HashTable(nn.Module):
+    """An embedding table indexed by any int64 id.
+
+    Args:
+        embedding_shape: shape of one row, an int or a list such as ``[64]``.
+        dtype: dtype of the rows (float32, bfloat16, float16 or float64).
+        device: device of the rows and of the ids it accepts.
+        initializer: maps new ids to their first rows (see ``recis.nn.initializers``);
+            by default uniform in +-1/sqrt(embedding_dim), deterministic in (seed, id).
+        name: a label used in error messages and checkpoints.
+        seed: seed of the initializer.
+
+    ``table(ids)`` returns ``ids.shape + embedding_shape``. In training mode absent ids
+    are inserted; in eval mode nothing is inserted and absent ids read as their initial
+    value. The result is differentiable: backward hands the gradient of each unique id
+    to the table (see ``pending_grad``), for a ``recis.optim`` sparse optimizer.
+    """
+
+    def __init__(
+        self,
+        embedding_shape: int | Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        initializer: Initializer | None = None,
+        name: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not dtype.is_floating_point:
+            raise TypeError(f"HashTable dtype must be a floating dtype, got {dtype}")
+        if not isinstance(seed, int):
+            raise TypeError(f"HashTable seed must be an int, got {seed!r}")
+        self._embedding_shape = _normalize_shape(embedding_shape)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self._initializer = initializer if initializer is not None else default_initializer(self._embedding_shape)
+        self.name = name
+        self.seed = seed
+        self._id_map = IdMap(self._device)
+        self._weight = torch.empty((0, self.embedding_dim), dtype=dtype, device=self._device)
+        self._slots: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # A leaf requiring grad that every differentiable lookup hangs from.
+        self._grad_anchor = torch.empty(0, device=self._device, requires_grad=True)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        return self._embedding_shape
+
+    @property
+    def embedding_dim(self) -> int:
+        """Elements per row: the product of ``embedding_shape``."""
+        return math.prod(self._embedding_shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def initializer(self) -> Initializer:
+        return self._initializer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """All rows, ``(len(self), embedding_dim)``, in the order of ``ids()``; a view."""
+        return self._weight[: len(self)]
+
+    def __len__(self) -> int:
+        return len(self._id_map)
+
+    def ids(self) -> torch.Tensor:
+        """The ids present, in row order (the order of ``weight``)."""
+        return self._id_map.keys_by_row()
+
+    def extra_repr(self) -> str:
+        label = f"name={self.name!r}, " if self.name else ""
+        return f"{label}embedding_shape={list(self._embedding_shape)}, dtype={self._dtype}, rows={len(self)}"
+
+    def describe(self) -> str:
+        """A short label for error messages."""
+        return f"HashTable {self.name!r}" if self.name else f"HashTable(embedding_shape={list(self._embedding_shape)})"
+
+    # ------------------------------------------------------------------ reading
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = self._checked_ids(ids).reshape(-1)
+        unique_ids, inverse = torch.unique(flat, return_inverse=True)
+        if self.training:
+            rows = self._find_or_insert(unique_ids)
+            unique_values = self._weight.index_select(0, rows)
+        else:
+            rows = self._id_map.find(unique_ids)
+            unique_values = self._read_or_initial(unique_ids, rows)
+        if torch.is_grad_enabled():
+            values = row_lookup(self._grad_anchor, self, rows, inverse, unique_values)
+        else:
+            values = unique_values.index_select(0, inverse)
+        return values.reshape(*ids.shape, *self._embedding_shape)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ids that are present, ``ids.shape + embedding_shape``; no insert, no grad.
+
+        Raises ``KeyError`` naming the first absent id.
+        """
+        ids = self._checked_ids(ids)
+        rows = self._rows_of_present(ids.reshape(-1))
+        return self._weight.index_select(0, rows).reshape(*ids.shape, *self._embedding_shape).clone()
+
+    def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first value a new row for each id gets, ``(len(ids), embedding_dim)`` in the table dtype."""
+        values = torch.as_tensor(self._initializer(ids, self._embedding_shape, self.seed))
+        expected = (ids.numel(), *self._embedding_shape)
+        if tuple(values.shape) != expected and tuple(values.shape) != (ids.numel(), self.embedding_dim):
+            raise ValueError(
+                f"{self.describe()}: initializer returned shape {tuple(values.shape)}, expected {expected}"
+            )
+        return values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
+
+    # ------------------------------------------------------------------ writing
+    @torch.no_grad()
+    def assign(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Insert or overwrite rows. Slots of new rows start at zero; nothing is differentiated.
+
+        With repeated ids, the last value given for an id wins.
+        """
+        ids = self._checked_ids(ids).reshape(-1)
+        expected = (*ids.shape, *self._embedding_shape)
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            raise TypeError(f"{self.describe()}.assign: values must be a floating tensor, got {values!r:.80}")
+        if tuple(values.shape) not in (expected, (ids.numel(), self.embedding_dim)):
+            raise ValueError(f"{self.describe()}.assign: values have shape {tuple(values.shape)}, expected {expected}")
+        values = values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        last_position = torch.full_like(unique_ids, -1).scatter_reduce_(
+            0, inverse, torch.arange(ids.numel(), device=self._device), reduce="amax"
+        )
+        rows = self._find_or_insert(unique_ids)
+        self._weight.index_copy_(0, rows, values.index_select(0, last_position))
+
+    def _find_or_insert(self, unique_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of distinct ids; absent ids get new rows with initial values and zero slots."""
+        rows = self._id_map.find(unique_ids)
+        absent = rows < 0
+        if not bool(absent.any()):
+            return rows
+        new_ids = unique_ids[absent]
+        new_values = self.initial_values(new_ids)  # before any change: a failing initializer changes nothing
+        self._reserve(len(self) + new_ids.numel())
+        new_rows = self._id_map.insert_new(new_ids)
+        self._weight.index_copy_(0, new_rows, new_values)
+        for slot in self._slots.values():
+            slot.index_fill_(0, new_rows, 0)
+        rows[absent] = new_rows
+        return rows
+
+    def _reserve(self, row_count: int) -> None:
+        capacity = self._weight.shape[0]
+        if row_count <= capacity:
+            return
+        new_capacity = max(row_count, 2 * capacity, 16)
+        self._weight = self._grown(self._weight, new_capacity)
+        self._slots = {name: self._grown(slot, new_capacity) for name, slot in self._slots.items()}
+
+    def _grown(self, storage: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = torch.zeros((capacity, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
+        grown[: len(self)] = storage[: len(self)]
+        return grown
+
+    # ------------------------------------------------------------------ optimizer slots
+    def add_slot(self, name: str, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Register a per-row optimizer slot of ``width`` elements (zeros), or return the existing one."""
+        if name in self._slots:
+            existing = self._slots[name]
+            if existing.shape[1] != width or existing.dtype != dtype:
+                raise ValueError(
+                    f"{self.describe()}: slot {name!r} exists with width {existing.shape[1]} and dtype "
+                    f"{existing.dtype}; asked for width {width} and dtype {dtype}"
+                )
+            return self.slot(name)
+        self._slots[name] = torch.zeros((self._weight.shape[0], width), dtype=dtype, device=self._device)
+        return self.slot(name)
+
+    def slot(self, name: str) -> torch.Tensor:
+        """The slot ``name`` of every row, ``(len(self), width)``; a view."""
+        if name not in self._slots:
+            raise KeyError(f"{self.describe()} has no slot {name!r}; it has {sorted(self._slots)}")
+        return self._slots[name][: len(self)]
+
+    def slot_names(self) -> list[str]:
+        return sorted(self._slots)
+
+    # ------------------------------------------------------------------ gradients
+    def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
+        ids = self._checked_ids(ids)
+        expected = (*ids.shape, *self._embedding_shape)
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+            raise TypeError(
+                f"{self.describe()}: a gradient must be a floating tensor, got {getattr(grad, 'dtype', grad)!r}"
+            )
+        if tuple(grad.shape) != expected:
+            raise ValueError(f"{self.describe()}: gradient has shape {tuple(grad.shape)}, expected {expected}")
+        if grad.device != self._device:
+            raise ValueError(f"{self.describe()}: gradient is on {grad.device}, the table on {self._device}")
+        rows = self._rows_of_present(ids.reshape(-1))
+        self._accept_row_grad(rows, grad.reshape(-1, self.embedding_dim))
+
+    def _accept_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self._pending.append((rows, grad.to(torch.promote_types(grad.dtype, torch.float32))))
+
+    @property
+    def has_grad(self) -> bool:
+        """Whether a gradient (possibly of zero rows) arrived since the last ``clear_grad``."""
+        return bool(self._pending)
+
+    def pending_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The gradient received since ``clear_grad``, summed per row: ``(rows, grad)``.
+
+        ``rows`` is ascending and distinct; ``grad`` is float32 ``(len(rows), embedding_dim)``.
+        None when no gradient arrived (a table unused in the batch).
+        """
+        if not self._pending:
+            return None
+        rows = torch.cat([rows for rows, _ in self._pending])
+        grads = torch.cat([grad for _, grad in self._pending])
+        return coalesce_rows(rows, grads)
+
+    def clear_grad(self) -> None:
+        self._pending = []
+
+    # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "ids"] = self.ids()
+        destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
+        for name in self.slot_names():
+            destination[prefix + _SLOT_PREFIX + name] = self.slot(name).detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        missing = [key for key in ("ids", "weight") if key not in ours]
+        missing_keys.extend(prefix + key for key in missing)
+        unexpected_keys.extend(
+            prefix + key for key in ours if key not in ("ids", "weight") and not key.startswith(_SLOT_PREFIX)
+        )
+        if missing:
+            return
+        problem = self._state_problem(ours)
+        if problem:
+            error_msgs.append(f"{self.describe()} at {prefix or '<root>'}: {problem}")
+            return
+        slots = {key[len(_SLOT_PREFIX) :]: value for key, value in ours.items() if key.startswith(_SLOT_PREFIX)}
+        self._restore(ours["ids"], ours["weight"], slots)
+
+    def _state_problem(self, ours: dict) -> str | None:
+        ids, weight = ours["ids"], ours["weight"]
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            return f"'ids' must be a 1-D int64 tensor, got {getattr(ids, 'dtype', type(ids))}"
+        count = ids.numel()
+        expected = f"({count}, {', '.join(map(str, self._embedding_shape))})"
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            return (
+                f"'weight' must be a floating tensor of shape {expected}, got {getattr(weight, 'dtype', type(weight))}"
+            )
+        if weight.dim() < 1 or weight.shape[0] != count or weight.numel() != count * self.embedding_dim:
+            return f"'weight' has shape {tuple(weight.shape)}, expected {expected}"
+        if torch.unique(ids).numel() != count:
+            return "'ids' holds duplicate ids"
+        for key, value in ours.items():
+            if key.startswith(_SLOT_PREFIX) and (
+                not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != count
+            ):
+                return f"slot '{key}' must be 2-D with {count} rows, got shape {tuple(getattr(value, 'shape', ()))}"
+        return None
+
+    def _restore(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
+        count = ids.numel()
+        self._id_map.clear()
+        self._id_map.insert_new(ids.to(self._device))
+        self._weight = weight.reshape(count, self.embedding_dim).to(device=self._device, dtype=self._dtype).clone()
+        restored = {name: value.to(self._device).clone() for name, value in slots.items()}
+        for name, slot in self._slots.items():  # registered slots absent from the state start at zero
+            if name not in restored:
+                restored[name] = torch.zeros((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
+        self._slots = restored
+        self._pending = []
+
+    # ------------------------------------------------------------------ id checks
+    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{self.describe()}: ids must be an int64 tensor, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{self.describe()}: ids must be an int64 tensor, got dtype {ids.dtype}")
+        if ids.device != self._device:
+            raise ValueError(f"{self.describe()}: ids are on {ids.device}, the table is on {self._device}")
+        return ids.to(torch.int64)
+
+    def _rows_of_present(self, flat_ids: torch.Tensor) -> torch.Tensor:
+        rows = self._id_map.find(flat_ids)
+        absent = rows < 0
+        if bool(absent.any()):
+            first = int(flat_ids[absent][0])
+            raise KeyError(f"{self.describe()}: id {first} is not in the table ({int(absent.sum())} absent ids)")
+        return rows
+
+    def _read_or_initial(self, unique_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        values = self._weight.index_select(0, rows.clamp(min=0))
+        absent = rows < 0
+        if bool(absent.any()):
+            values[absent] = self.initial_values(unique_ids[absent])
+        return values
+
+
+def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
+    """The hash tables of ``model``, keyed by module path; a table shared by two paths appears once."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, HashTable)}

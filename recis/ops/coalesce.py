@@ -1,0 +1,19 @@
+"""Coalescing of sparse row gradients: sum the gradients that share a row."""
+
+from __future__ import annotations
+
+import torch
+
+
+def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``grads[i]`` over equal ``rows[i]``.
+
+    Returns ``(unique_rows, summed)`` with ``unique_rows`` ascending and ``summed`` in
+    float32 (or the wider dtype of ``grads``), so duplicates of a bf16 table add up at
+    full precision.
+    """
+    unique_rows, inverse = torch.unique(rows, return_inverse=True)
+    accumulate_dtype = torch.promote_types(grads.dtype, torch.float32)
+    summed = torch.zeros((unique_rows.numel(), grads.shape[1]), dtype=accumulate_dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads.to(accumulate_dtype))
+    return unique_rows, summed

@@ -1,0 +1,68 @@
+"""Checks of Adam-family hyperparameters, shared by the sparse and dense optimizers.
+
+Every check raises before anything is changed and names the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"Invalid {name}: {value}")
+    return value
+
+
+def check_lr(lr: Any) -> float:
+    lr = _as_float("lr", lr)
+    if lr < 0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    return lr
+
+
+def check_eps(eps: Any) -> float:
+    eps = _as_float("eps", eps)
+    if eps < 0:
+        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    return eps
+
+
+def check_weight_decay(weight_decay: Any) -> float:
+    weight_decay = _as_float("weight_decay", weight_decay)
+    if weight_decay < 0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    return weight_decay
+
+
+def check_betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    checked = []
+    for index, beta in enumerate(betas):
+        beta = _as_float(f"beta{index + 1}", beta)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta} (must be in [0, 1))")
+        checked.append(beta)
+    return checked[0], checked[1]
+
+
+def merge_betas(group: dict, default_betas: tuple[float, float]) -> tuple[float, float]:
+    """The group's betas from either spelling: ``betas=(b1, b2)`` or ``beta1``/``beta2``.
+
+    Both spellings at once are an error, even when they agree.
+    """
+    separate = {key: group[key] for key in ("beta1", "beta2") if key in group}
+    if "betas" in group and separate:
+        raise ValueError(f"give either betas={group['betas']!r} or {', '.join(separate)}, not both")
+    if "betas" in group:
+        return check_betas(group["betas"])
+    return check_betas((separate.get("beta1", default_betas[0]), separate.get("beta2", default_betas[1])))

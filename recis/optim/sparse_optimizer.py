@@ -1,0 +1,302 @@
+"""SparseOptimizer: the shared front of SparseAdam, SparseAdamW and SparseAdamWTF.
+
+The class validates hyperparameters, holds the per-table state and the gradient
+accumulation phase, and drives ``step``; the math is one call per table to
+``recis.ops.sparse_adam_update``. Subclasses only choose the weight-decay rule, the
+epsilon placement and the default weight decay.
+
+It is a ``torch.optim.Optimizer`` whose params are ``HashTable``s, so LR schedulers,
+step hooks and ``param_groups`` work unchanged. Optimizer slots (``exp_avg``,
+``exp_avg_sq``, and ``step`` with per-row bias correction) live in the tables, so they
+grow with the rows and travel in ``model.state_dict()``; the optimizer's own
+``state_dict`` holds the per-table step counts, the param groups and the
+accumulation phase.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from recis.nn.modules.hashtable import HashTable
+from recis.ops import EpsilonPlacement, WeightDecay, sparse_adam_update
+from recis.optim.hyperparameters import check_eps, check_lr, check_weight_decay, merge_betas
+
+DEFAULT_BETA1 = 0.9
+DEFAULT_BETA2 = 0.999
+BIAS_CORRECTIONS = ("table", "row")
+EXP_AVG, EXP_AVG_SQ, ROW_STEP = "exp_avg", "exp_avg_sq", "step"
+
+TableParams = HashTable | dict[str, HashTable] | Iterable[HashTable] | Iterable[dict[str, Any]]
+
+
+def _tables_of(params: Any) -> list[HashTable]:
+    if isinstance(params, HashTable):
+        return [params]
+    if isinstance(params, dict):
+        params = params.values()
+    if isinstance(params, torch.Tensor):
+        raise TypeError("a sparse optimizer takes HashTables; dense tensors go to torch.optim or recis.optim.AdamWTF")
+    tables = list(params)
+    for table in tables:
+        if not isinstance(table, HashTable):
+            raise TypeError(
+                f"a sparse optimizer takes HashTables (see filter_out_sparse_param), got {type(table).__name__}"
+            )
+    return tables
+
+
+def _as_param_groups(params: TableParams) -> list[Any]:
+    """Turn ``params`` into what ``torch.optim.Optimizer.__init__`` expects, tables kept as they are."""
+    if isinstance(params, (HashTable, dict)):
+        return [{"params": _tables_of(params)}]
+    items = list(params)
+    if items and isinstance(items[0], dict) and "params" in items[0]:
+        return items
+    return [{"params": _tables_of(items)}]
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Base of the Adam-family optimizers over ``HashTable`` rows; subclasses give the formula.
+
+    Args:
+        params: tables to optimize: the dict of ``filter_out_sparse_param``, an iterable of
+            ``HashTable``, or a list of param-group dicts (``{"params": ..., "lr": ...}``)
+            whose entries override the defaults for their tables.
+        lr, beta1, beta2, eps: the Adam hyperparameters of the formula.
+        weight_decay: its coefficient; None takes the class's ``default_weight_decay``.
+        betas: ``(beta1, beta2)``, the torch spelling; not together with beta1/beta2.
+        maximize: ascend instead of descend (g = -g).
+        bias_correction: ``"table"``: t counts the steps in which the table received a
+            gradient (torch.optim.SparseAdam's rule); ``"row"``: t counts the updates of
+            each row, kept in the ``step`` slot, so a row first seen late gets a fully
+            corrected first step (about lr, not a multiple of it).
+        state_dtype: dtype of the ``exp_avg``/``exp_avg_sq`` slots; math is float32 or wider.
+        skip_nonfinite: leave rows whose gradient has a NaN or Inf untouched and count
+            them in ``state[table]["nonfinite_rows"]``. Off by default, as in torch.
+    """
+
+    weight_decay_rule: ClassVar[WeightDecay]
+    epsilon_placement: ClassVar[EpsilonPlacement]
+    default_weight_decay: ClassVar[float]
+
+    def __init__(
+        self,
+        params: TableParams,
+        lr: float = 1e-3,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        *,
+        betas: tuple[float, float] | None = None,
+        maximize: bool = False,
+        bias_correction: str = "table",
+        state_dtype: torch.dtype = torch.float32,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        if weight_decay is None:
+            weight_decay = self.default_weight_decay
+        spelled_separately = beta1 is not DEFAULT_BETA1 or beta2 is not DEFAULT_BETA2
+        if betas is not None and spelled_separately:
+            raise ValueError(f"give either betas={betas!r} or beta1={beta1}/beta2={beta2}, not both")
+        defaults = dict(
+            lr=lr,
+            betas=betas if betas is not None else (beta1, beta2),
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            bias_correction=bias_correction,
+            state_dtype=state_dtype,
+            skip_nonfinite=skip_nonfinite,
+        )
+        self._validated_group(dict(defaults, params=[]))
+        self._grad_accum_steps = 1
+        self._accum_phase = 0  # micro-steps taken since the last update
+        super().__init__(_as_param_groups(params), defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _validated_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A complete, checked copy of ``group``; raises before anything changes."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"a param group must be a dict with a 'params' entry, got {group!r:.100}")
+        merged = {**self.defaults, **group} if hasattr(self, "defaults") else dict(group)
+        merged["betas"] = merge_betas(
+            {key: group[key] for key in ("betas", "beta1", "beta2") if key in group}, merged.get("betas")
+        )
+        merged.pop("beta1", None)
+        merged.pop("beta2", None)
+        merged["params"] = _tables_of(group["params"])
+        merged["lr"] = check_lr(merged["lr"])
+        merged["eps"] = check_eps(merged["eps"])
+        merged["weight_decay"] = check_weight_decay(merged["weight_decay"])
+        if merged["bias_correction"] not in BIAS_CORRECTIONS:
+            raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {merged['bias_correction']!r}")
+        state_dtype = merged["state_dtype"]
+        if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
+            raise TypeError(f"state_dtype must be a floating torch.dtype, got {state_dtype!r}")
+        return merged
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = self._validated_group(param_group)
+        tables = group["params"]
+        known = {id(table) for existing in self.param_groups for table in existing["params"]}
+        seen: set[int] = set()
+        for table in tables:
+            if id(table) in known or id(table) in seen:
+                raise ValueError(f"{table.describe()} appears twice in the optimizer's param groups")
+            seen.add(id(table))
+        self.param_groups.append(group)
+        for table in tables:
+            self._ensure_slots(table, group)
+
+    def _ensure_slots(self, table: HashTable, group: dict[str, Any]) -> None:
+        width = table.embedding_dim
+        table.add_slot(EXP_AVG, width, group["state_dtype"])
+        table.add_slot(EXP_AVG_SQ, width, group["state_dtype"])
+        if group["bias_correction"] == "row":
+            table.add_slot(ROW_STEP, 1, torch.int64)
+
+    # ------------------------------------------------------------------ accumulation
+    @property
+    def grad_accum_steps(self) -> int:
+        return self._grad_accum_steps
+
+    def set_grad_accum_steps(self, steps: int) -> None:
+        """Update every ``steps``-th ``step()``, with the mean of the gradients since the last update."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"grad accumulation steps must be an int >= 1, got {steps!r}")
+        if self._accum_phase != 0:
+            raise RuntimeError(
+                f"set_grad_accum_steps({steps}) called in the middle of an accumulation "
+                f"({self._accum_phase} of {self._grad_accum_steps} micro-steps taken); call it after an update"
+            )
+        self._grad_accum_steps = steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the tables' pending gradients, unless an accumulation is under way."""
+        if self._accum_phase != 0:
+            return
+        for group in self.param_groups:
+            for table in group["params"]:
+                table.clear_grad()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._validated_group(group)  # a scheduler or user may have edited it
+        self._accum_phase += 1
+        if self._accum_phase < self._grad_accum_steps:
+            return loss
+        self._accum_phase = 0
+        for group in self.param_groups:
+            for table in group["params"]:
+                self._update_table(table, group)
+        return loss
+
+    def _update_table(self, table: HashTable, group: dict[str, Any]) -> None:
+        pending = table.pending_grad()
+        if pending is None:  # the table got no gradient: its step count stays (torch.optim.SparseAdam's rule)
+            return
+        rows, grad = pending
+        if self._grad_accum_steps > 1:
+            grad.div_(self._grad_accum_steps)
+        state = self._table_state(table)
+        if group["skip_nonfinite"]:
+            finite = torch.isfinite(grad).all(dim=1)
+            state["nonfinite_rows"] += (~finite).sum()
+            rows, grad = rows[finite], grad[finite]
+        state["step"] += 1
+        self._ensure_slots(table, group)
+        beta1, beta2 = group["betas"]
+        sparse_adam_update(
+            table.weight,
+            table.slot(EXP_AVG),
+            table.slot(EXP_AVG_SQ),
+            rows,
+            grad,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decay=self.weight_decay_rule,
+            epsilon=self.epsilon_placement,
+            maximize=group["maximize"],
+            step=state["step"],
+            row_steps=table.slot(ROW_STEP) if group["bias_correction"] == "row" else None,
+        )
+
+    def _table_state(self, table: HashTable) -> dict[str, Any]:
+        state = self.state[table]
+        if not state:
+            state.update(step=0, nonfinite_rows=torch.zeros((), dtype=torch.int64))
+        return state
+
+    # ------------------------------------------------------------------ state dict
+    def _tables(self) -> list[HashTable]:
+        return [table for group in self.param_groups for table in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Per-table step counts, param groups and accumulation phase; slots are in the tables.
+
+        Tables are numbered in param-group order, as torch numbers parameters.
+        """
+        index = {id(table): i for i, table in enumerate(self._tables())}
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(t)] for t in g["params"]]}
+            for g in self.param_groups
+        ]
+        state = {
+            index[id(table)]: {**copy.deepcopy(table_state), "table": table.name}
+            for table, table_state in self.state.items()
+            if table_state
+        }
+        return {
+            "state": state,
+            "param_groups": groups,
+            "grad_accum_steps": self._grad_accum_steps,
+            "accum_phase": self._accum_phase,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore what ``state_dict`` saved; checks everything before changing anything."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer {len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {i} has {len(group['params'])} tables, the state dict {len(saved['params'])}"
+                )
+        tables = self._tables()
+        new_groups = [
+            self._validated_group({**saved, "params": group["params"]})
+            for saved, group in zip(saved_groups, self.param_groups)
+        ]
+        new_state = {}
+        for index, table_state in state_dict["state"].items():
+            table = tables[int(index)]
+            saved_name = table_state.get("table")
+            if saved_name is not None and table.name is not None and saved_name != table.name:
+                raise ValueError(f"state dict entry {index} belongs to table {saved_name!r}, not {table.name!r}")
+            new_state[table] = {k: copy.deepcopy(v) for k, v in table_state.items() if k != "table"}
+        accum_steps, phase = state_dict.get("grad_accum_steps", 1), state_dict.get("accum_phase", 0)
+        if not (isinstance(accum_steps, int) and accum_steps >= 1 and 0 <= phase < accum_steps):
+            raise ValueError(f"state dict has grad_accum_steps={accum_steps!r}, accum_phase={phase!r}")
+
+        self.param_groups[:] = new_groups
+        self.state.clear()
+        self.state.update(new_state)
+        self._grad_accum_steps, self._accum_phase = accum_steps, phase
+        for group in self.param_groups:
+            for table in group["params"]:
+                self._ensure_slots(table, group)
