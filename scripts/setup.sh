@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install recis and what it needs into the active Python, reusing an installed torch.
+# An unpinned "torch" would pull the newest release with several GB of CUDA packages,
+# so torch is installed (pinned) only when no suitable one is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" - <<'PY' 2>/dev/null
+import sys
+import torch
+major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+sys.exit(0 if (major, minor) >= (2, 4) else 1)
+PY
+then
+  echo "setup: installing torch==2.13.0 (no suitable torch found)"
+  "$PYTHON" -m pip install --quiet "torch==2.13.0"
+fi
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
