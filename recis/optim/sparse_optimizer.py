@@ -113,17 +113,19 @@ class SparseOptimizer(torch.optim.Optimizer):
             state_dtype=state_dtype,
             skip_nonfinite=skip_nonfinite,
         )
-        self._validated_group(dict(defaults, params=[]))
+        self.defaults = defaults
+        groups = _as_param_groups(params)
+        self._check_distinct_tables([self._validated_group(group) for group in groups])
         self._grad_accum_steps = 1
         self._accum_phase = 0  # micro-steps taken since the last update
-        super().__init__(_as_param_groups(params), defaults)
+        super().__init__(groups, defaults)
 
     # ------------------------------------------------------------------ groups
     def _validated_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """A complete, checked copy of ``group``; raises before anything changes."""
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError(f"a param group must be a dict with a 'params' entry, got {group!r:.100}")
-        merged = {**self.defaults, **group} if hasattr(self, "defaults") else dict(group)
+        merged = {**self.defaults, **group}
         merged["betas"] = merge_betas(
             {key: group[key] for key in ("betas", "beta1", "beta2") if key in group}, merged.get("betas")
         )
@@ -142,16 +144,19 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = self._validated_group(param_group)
-        tables = group["params"]
-        known = {id(table) for existing in self.param_groups for table in existing["params"]}
-        seen: set[int] = set()
-        for table in tables:
-            if id(table) in known or id(table) in seen:
-                raise ValueError(f"{table.describe()} appears twice in the optimizer's param groups")
-            seen.add(id(table))
+        self._check_distinct_tables([*self.param_groups, group])
         self.param_groups.append(group)
-        for table in tables:
+        for table in group["params"]:
             self._ensure_slots(table, group)
+
+    @staticmethod
+    def _check_distinct_tables(groups: list[dict[str, Any]]) -> None:
+        seen: set[int] = set()
+        for group in groups:
+            for table in group["params"]:
+                if id(table) in seen:
+                    raise ValueError(f"{table.describe()} appears twice in the optimizer's param groups")
+                seen.add(id(table))
 
     def _ensure_slots(self, table: HashTable, group: dict[str, Any]) -> None:
         width = table.embedding_dim

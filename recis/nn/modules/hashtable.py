@@ -165,7 +165,8 @@ class HashTable(nn.Module):
         ids = self._checked_ids(ids).reshape(-1)
         expected = (*ids.shape, *self._embedding_shape)
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
-            raise TypeError(f"{self.describe()}.assign: values must be a floating tensor, got {values!r:.80}")
+            got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+            raise TypeError(f"{self.describe()}.assign: values must be a floating tensor, got {got}")
         if tuple(values.shape) not in (expected, (ids.numel(), self.embedding_dim)):
             raise ValueError(f"{self.describe()}.assign: values have shape {tuple(values.shape)}, expected {expected}")
         values = values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
@@ -351,8 +352,9 @@ class HashTable(nn.Module):
         return rows
 
     def _read_or_initial(self, unique_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        values = self._weight.index_select(0, rows.clamp(min=0))
         absent = rows < 0
+        values = torch.empty((rows.numel(), self.embedding_dim), dtype=self._dtype, device=self._device)
+        values[~absent] = self._weight.index_select(0, rows[~absent])
         if bool(absent.any()):
             values[absent] = self.initial_values(unique_ids[absent])
         return values
