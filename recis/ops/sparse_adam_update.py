@@ -1,8 +1,8 @@
 """The fused Adam-family update of the touched rows of a table (pure torch).
 
 One call updates ``weight``, ``exp_avg`` and ``exp_avg_sq`` at ``rows`` (distinct) with
-the coalesced gradient ``grad``, in float32 (float64 when the state is float64),
-whatever the dtype of the rows. With g the gradient, theta the row, t the step:
+the coalesced gradient ``grad``, in float32, or float64 when the rows or the state are
+float64: never narrower than float32, whatever the dtype of the rows. With g the gradient, theta the row, t the step:
 
     decay (first, on the value before the Adam update):
         L2:              g     += wd * theta              torch.optim.SparseAdam / Adam
@@ -55,7 +55,7 @@ def sparse_adam_update(
     row_steps: torch.Tensor | None = None,
 ) -> None:
     """Apply one Adam-family update in place to ``rows`` of ``weight`` and its two slots."""
-    compute_dtype = torch.promote_types(exp_avg.dtype, torch.float32)
+    compute_dtype = torch.promote_types(torch.promote_types(exp_avg.dtype, weight.dtype), torch.float32)
     theta = weight.index_select(0, rows).to(compute_dtype)
     m = exp_avg.index_select(0, rows).to(compute_dtype)
     v = exp_avg_sq.index_select(0, rows).to(compute_dtype)

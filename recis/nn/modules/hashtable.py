@@ -23,6 +23,8 @@ from recis.nn.initializers import Initializer, default_initializer
 from recis.ops import IdMap, coalesce_rows
 
 _SLOT_PREFIX = "slots."
+_PENDING_IDS = "pending_grad.ids"
+_PENDING_VALUES = "pending_grad.values"
 
 
 def _normalize_shape(embedding_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -269,11 +271,19 @@ class HashTable(nn.Module):
         self._pending = []
 
     # ------------------------------------------------------------------ state dict
+    # Keys under the table's prefix: "ids", "weight", "slots.<name>" for each optimizer
+    # slot, and, while a gradient is pending (mid-accumulation), "pending_grad.ids" and
+    # "pending_grad.values", so that a checkpoint taken between updates resumes exactly.
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "ids"] = self.ids()
+        ids = self.ids()
+        destination[prefix + "ids"] = ids
         destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
         for name in self.slot_names():
             destination[prefix + _SLOT_PREFIX + name] = self.slot(name).detach()
+        pending = self.pending_grad()
+        if pending is not None:
+            destination[prefix + _PENDING_IDS] = ids[pending[0]]
+            destination[prefix + _PENDING_VALUES] = pending[1]
 
     def _load_from_state_dict(
         self,
@@ -288,9 +298,8 @@ class HashTable(nn.Module):
         ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         missing = [key for key in ("ids", "weight") if key not in ours]
         missing_keys.extend(prefix + key for key in missing)
-        unexpected_keys.extend(
-            prefix + key for key in ours if key not in ("ids", "weight") and not key.startswith(_SLOT_PREFIX)
-        )
+        known = ("ids", "weight", _PENDING_IDS, _PENDING_VALUES)
+        unexpected_keys.extend(prefix + key for key in ours if key not in known and not key.startswith(_SLOT_PREFIX))
         if missing:
             return
         problem = self._state_problem(ours)
@@ -299,34 +308,45 @@ class HashTable(nn.Module):
             return
         slots = {key[len(_SLOT_PREFIX) :]: value for key, value in ours.items() if key.startswith(_SLOT_PREFIX)}
         self._restore(ours["ids"], ours["weight"], slots)
+        if _PENDING_IDS in ours:
+            self._accept_row_grad(
+                self._id_map.find(ours[_PENDING_IDS].to(self._device)), ours[_PENDING_VALUES].to(self._device)
+            )
 
     def _state_problem(self, ours: dict) -> str | None:
+        """What is wrong with a state to load, or None; checked before anything changes."""
         ids, weight = ours["ids"], ours["weight"]
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
             return f"'ids' must be a 1-D int64 tensor, got {getattr(ids, 'dtype', type(ids))}"
         count = ids.numel()
-        expected = f"({count}, {', '.join(map(str, self._embedding_shape))})"
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            return (
-                f"'weight' must be a floating tensor of shape {expected}, got {getattr(weight, 'dtype', type(weight))}"
-            )
-        if weight.dim() < 1 or weight.shape[0] != count or weight.numel() != count * self.embedding_dim:
-            return f"'weight' has shape {tuple(weight.shape)}, expected {expected}"
         if torch.unique(ids).numel() != count:
             return "'ids' holds duplicate ids"
+        problem = _matrix_problem("weight", weight, count, self.embedding_dim, self._embedding_shape)
         for key, value in ours.items():
-            if key.startswith(_SLOT_PREFIX) and (
-                not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != count
-            ):
-                return f"slot '{key}' must be 2-D with {count} rows, got shape {tuple(getattr(value, 'shape', ()))}"
-        return None
+            if problem is None and key.startswith(_SLOT_PREFIX):
+                registered = self._slots.get(key[len(_SLOT_PREFIX) :])
+                width = registered.shape[1] if registered is not None else getattr(value, "shape", (0, 0))[-1]
+                problem = _matrix_problem(key, value, count, width)
+        if problem is None and (_PENDING_IDS in ours) != (_PENDING_VALUES in ours):
+            problem = f"'{_PENDING_IDS}' and '{_PENDING_VALUES}' must come together"
+        if problem is None and _PENDING_IDS in ours:
+            pending_ids = ours[_PENDING_IDS]
+            if not isinstance(pending_ids, torch.Tensor) or pending_ids.dtype != torch.int64 or pending_ids.dim() != 1:
+                return f"'{_PENDING_IDS}' must be a 1-D int64 tensor"
+            if not bool(torch.isin(pending_ids, ids).all()):
+                return f"'{_PENDING_IDS}' names ids that are not in 'ids'"
+            problem = _matrix_problem(_PENDING_VALUES, ours[_PENDING_VALUES], pending_ids.numel(), self.embedding_dim)
+        return problem
 
     def _restore(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
         count = ids.numel()
         self._id_map.clear()
         self._id_map.insert_new(ids.to(self._device))
         self._weight = weight.reshape(count, self.embedding_dim).to(device=self._device, dtype=self._dtype).clone()
-        restored = {name: value.to(self._device).clone() for name, value in slots.items()}
+        restored = {}
+        for name, value in slots.items():
+            dtype = self._slots[name].dtype if name in self._slots else value.dtype
+            restored[name] = value.to(device=self._device, dtype=dtype).clone()
         for name, slot in self._slots.items():  # registered slots absent from the state start at zero
             if name not in restored:
                 restored[name] = torch.zeros((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
@@ -363,3 +383,15 @@ class HashTable(nn.Module):
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
     """The hash tables of ``model``, keyed by module path; a table shared by two paths appears once."""
     return {name: module for name, module in model.named_modules() if isinstance(module, HashTable)}
+
+
+def _matrix_problem(
+    key: str, value: object, rows: int, width: int, row_shape: tuple[int, ...] | None = None
+) -> str | None:
+    """Why ``value`` is not a floating tensor of ``rows`` rows of ``width`` elements, or None."""
+    expected = f"({rows}, {', '.join(map(str, row_shape or (width,)))})"
+    if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or key.endswith(".step")):
+        return f"'{key}' must be a floating tensor of shape {expected}, got {getattr(value, 'dtype', type(value))}"
+    if value.dim() < 1 or value.shape[0] != rows or value.numel() != rows * width:
+        return f"'{key}' has shape {tuple(value.shape)}, expected {expected}"
+    return None
