@@ -22,25 +22,23 @@ def _as_float(name: str, value: Any) -> float:
     return value
 
 
+def _check_non_negative(name: str, label: str, value: Any) -> float:
+    value = _as_float(name, value)
+    if value < 0:
+        raise ValueError(f"Invalid {label}: {value} (must be >= 0)")
+    return value
+
+
 def check_lr(lr: Any) -> float:
-    lr = _as_float("lr", lr)
-    if lr < 0:
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-    return lr
+    return _check_non_negative("lr", "learning rate", lr)
 
 
 def check_eps(eps: Any) -> float:
-    eps = _as_float("eps", eps)
-    if eps < 0:
-        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-    return eps
+    return _check_non_negative("eps", "epsilon value", eps)
 
 
 def check_weight_decay(weight_decay: Any) -> float:
-    weight_decay = _as_float("weight_decay", weight_decay)
-    if weight_decay < 0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-    return weight_decay
+    return _check_non_negative("weight_decay", "weight_decay value", weight_decay)
 
 
 def check_betas(betas: Any) -> tuple[float, float]:
