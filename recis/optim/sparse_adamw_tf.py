@@ -14,8 +14,8 @@ torch.optim.SparseAdam); untouched rows keep their value and slots.
 Reference: TensorFlow's DecoupledWeightDecayExtension (tf.contrib.opt / TensorFlow
 Addons AdamW) over LazyAdam, whose update is TF's ApplyAdam: epsilon added to the
 uncorrected sqrt(v), bias correction folded into the step size. Unlike TF, t is per
-table, not the optimizer's global iteration count, and a row repeated in a batch is
-decayed once.
+table, not the optimizer's global iteration count. (Keras 3's AdamW differs: it decays
+by lr * weight_decay.)
 """
 
 from __future__ import annotations
