@@ -1,52 +1,46 @@
 """The differentiable read of table rows.
 
 Forward expands the rows of the unique ids to every position of the batch; backward
-sums the output gradient per unique id (in float32) and hands it to the table as a
-pending row gradient. No dense gradient of the table is ever formed, and nothing is
-written to a ``.grad`` attribute.
+sums the output gradient per unique id (in float32) and hands it to a receiver (the
+table's pending gradient). No dense gradient of a table is ever formed, and nothing
+is written to a ``.grad`` attribute.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from recis.nn.modules.hashtable import HashTable
+GradReceiver = Callable[[torch.Tensor], None]
 
 
 class _RowLookup(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        anchor: torch.Tensor,
-        table: HashTable,
-        rows: torch.Tensor,
-        inverse: torch.Tensor,
-        unique_values: torch.Tensor,
+        ctx: Any, anchor: torch.Tensor, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver
     ) -> torch.Tensor:
-        ctx.table = table
+        ctx.receive = receive
         ctx.unique_count = unique_values.shape[0]
-        ctx.save_for_backward(rows, inverse)
+        ctx.save_for_backward(inverse)
         return unique_values.index_select(0, inverse)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, ...]:
-        rows, inverse = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         grad_dtype = torch.promote_types(grad_output.dtype, torch.float32)
         per_unique = torch.zeros((ctx.unique_count, grad_output.shape[1]), dtype=grad_dtype, device=grad_output.device)
         per_unique.index_add_(0, inverse, grad_output.to(grad_dtype))
-        present = rows >= 0  # eval-mode reads of absent ids have no row to receive a gradient
-        ctx.table._accept_row_grad(rows[present], per_unique[present])
-        return None, None, None, None, None
+        ctx.receive(per_unique)
+        return None, None, None, None
 
 
 def row_lookup(
-    anchor: torch.Tensor, table: HashTable, rows: torch.Tensor, inverse: torch.Tensor, unique_values: torch.Tensor
+    anchor: torch.Tensor, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver
 ) -> torch.Tensor:
-    """``unique_values[inverse]`` whose gradient goes to ``table``'s ``rows``.
+    """``unique_values[inverse]``; backward calls ``receive`` with the gradient summed per unique row.
 
     ``anchor`` is a leaf that requires grad, so autograd records the call.
     """
-    return _RowLookup.apply(anchor, table, rows, inverse, unique_values)
+    return _RowLookup.apply(anchor, unique_values, inverse, receive)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
-from recis.nn.functional import row_lookup
+from recis.nn.functional import GradReceiver, row_lookup
 from recis.nn.initializers import Initializer, default_initializer
 from recis.ops import IdMap, coalesce_rows
 
@@ -76,7 +77,7 @@ class HashTable(nn.Module):
         self._id_map = IdMap(self._device)
         self._weight = torch.empty((0, self.embedding_dim), dtype=dtype, device=self._device)
         self._slots: dict[str, torch.Tensor] = {}
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, float32 gradient)
         # A leaf requiring grad that every differentiable lookup hangs from.
         self._grad_anchor = torch.empty(0, device=self._device, requires_grad=True)
 
@@ -132,11 +133,21 @@ class HashTable(nn.Module):
         else:
             rows = self._id_map.find(unique_ids)
             unique_values = self._read_or_initial(unique_ids, rows)
+        return self._differentiable(unique_values, inverse, partial(self._accept_unique_grad, rows)).reshape(
+            *ids.shape, *self._embedding_shape
+        )
+
+    def _differentiable(
+        self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver
+    ) -> torch.Tensor:
+        """Expand unique rows to the batch; with grad enabled, backward hands the per-unique gradient to ``receive``."""
         if torch.is_grad_enabled():
-            values = row_lookup(self._grad_anchor, self, rows, inverse, unique_values)
-        else:
-            values = unique_values.index_select(0, inverse)
-        return values.reshape(*ids.shape, *self._embedding_shape)
+            return row_lookup(self._grad_anchor, unique_values, inverse, receive)
+        return unique_values.index_select(0, inverse)
+
+    def _accept_unique_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        present = rows >= 0  # eval-mode reads of absent ids have no row to receive a gradient
+        self._accept_row_grad(rows[present], grad[present])
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ids that are present, ``ids.shape + embedding_shape``; no insert, no grad.
