@@ -145,6 +145,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = self._validated_group(param_group)
         self._check_distinct_tables([*self.param_groups, group])
+        self._check_slots(group)
         self.param_groups.append(group)
         for table in group["params"]:
             self._ensure_slots(table, group)
@@ -158,12 +159,25 @@ class SparseOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{table.describe()} appears twice in the optimizer's param groups")
                 seen.add(id(table))
 
-    def _ensure_slots(self, table: HashTable, group: dict[str, Any]) -> None:
-        width = table.embedding_dim
-        table.add_slot(EXP_AVG, width, group["state_dtype"])
-        table.add_slot(EXP_AVG_SQ, width, group["state_dtype"])
+    @staticmethod
+    def _slot_specs(table: HashTable, group: dict[str, Any]) -> list[tuple[str, int, torch.dtype]]:
+        specs = [
+            (EXP_AVG, table.embedding_dim, group["state_dtype"]),
+            (EXP_AVG_SQ, table.embedding_dim, group["state_dtype"]),
+        ]
         if group["bias_correction"] == "row":
-            table.add_slot(ROW_STEP, 1, torch.int64)
+            specs.append((ROW_STEP, 1, torch.int64))
+        return specs
+
+    def _check_slots(self, group: dict[str, Any]) -> None:
+        """Raise, changing nothing, if a table of ``group`` holds a slot incompatible with it."""
+        for table in group["params"]:
+            for spec in self._slot_specs(table, group):
+                table.check_slot(*spec)
+
+    def _ensure_slots(self, table: HashTable, group: dict[str, Any]) -> None:
+        for spec in self._slot_specs(table, group):
+            table.add_slot(*spec)
 
     # ------------------------------------------------------------------ accumulation
     @property
@@ -183,7 +197,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the tables' pending gradients, unless an accumulation is under way."""
-        if self._accum_phase != 0:
+        if self.accumulating:
             return
         for group in self.param_groups:
             for table in group["params"]:
@@ -196,8 +210,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._validated_group(group)  # a scheduler or user may have edited it
+        self.check_param_groups()
         self._accum_phase += 1
         if self._accum_phase < self._grad_accum_steps:
             return loss
@@ -207,20 +220,34 @@ class SparseOptimizer(torch.optim.Optimizer):
                 self._update_table(table, group)
         return loss
 
+    def check_param_groups(self) -> None:
+        """Raise, changing nothing, if a param group was edited into an invalid state."""
+        for group in self.param_groups:
+            self._check_slots(self._validated_group(group))  # a scheduler or user may have edited it
+
+    @property
+    def update_due(self) -> bool:
+        """Whether the next ``step()`` updates (rather than only accumulates)."""
+        return self._accum_phase + 1 >= self._grad_accum_steps
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether micro-steps have been taken since the last update (``zero_grad`` then keeps gradients)."""
+        return self._accum_phase != 0
+
     def _update_table(self, table: HashTable, group: dict[str, Any]) -> None:
         pending = table.pending_grad()
         if pending is None:  # the table got no gradient: its step count stays (torch.optim.SparseAdam's rule)
             return
         rows, grad = pending
         if self._grad_accum_steps > 1:
-            grad.div_(self._grad_accum_steps)
+            grad = grad / self._grad_accum_steps
         state = self._table_state(table)
         if group["skip_nonfinite"]:
             finite = torch.isfinite(grad).all(dim=1)
             state["nonfinite_rows"] += (~finite).sum()
             rows, grad = rows[finite], grad[finite]
         state["step"] += 1
-        self._ensure_slots(table, group)
         beta1, beta2 = group["betas"]
         sparse_adam_update(
             table.weight,
@@ -255,6 +282,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
         Tables are numbered in param-group order, as torch numbers parameters.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         index = {id(table): i for i, table in enumerate(self._tables())}
         groups = [
             {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(t)] for t in g["params"]]}
@@ -265,15 +294,20 @@ class SparseOptimizer(torch.optim.Optimizer):
             for table, table_state in self.state.items()
             if table_state
         }
-        return {
+        state_dict = {
             "state": state,
             "param_groups": groups,
             "grad_accum_steps": self._grad_accum_steps,
             "accum_phase": self._accum_phase,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = post_hook(self, state_dict) or state_dict
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore what ``state_dict`` saved; checks everything before changing anything."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer {len(self.param_groups)}")
@@ -297,6 +331,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         accum_steps, phase = state_dict.get("grad_accum_steps", 1), state_dict.get("accum_phase", 0)
         if not (isinstance(accum_steps, int) and accum_steps >= 1 and 0 <= phase < accum_steps):
             raise ValueError(f"state dict has grad_accum_steps={accum_steps!r}, accum_phase={phase!r}")
+        for group in new_groups:
+            self._check_slots(group)
 
         self.param_groups[:] = new_groups
         self.state.clear()
@@ -305,3 +341,5 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for table in group["params"]:
                 self._ensure_slots(table, group)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -53,6 +53,10 @@ class HashTable(nn.Module):
     to the table (see ``pending_grad``), for a ``recis.optim`` sparse optimizer.
     """
 
+    # Whether a pending gradient refers to rows of this table (a sharded table keeps
+    # gradients of ids owned elsewhere until the optimizer sends them to their owners).
+    _pending_needs_local_rows = True
+
     def __init__(
         self,
         embedding_shape: int | Sequence[int],
@@ -66,18 +70,21 @@ class HashTable(nn.Module):
         super().__init__()
         if not dtype.is_floating_point:
             raise TypeError(f"HashTable dtype must be a floating dtype, got {dtype}")
-        if not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"HashTable seed must be an int, got {seed!r}")
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"HashTable seed must be in [-2**63, 2**63), got {seed}")
         self._embedding_shape = _normalize_shape(embedding_shape)
         self._dtype = dtype
-        self._device = torch.device(device)
+        self._device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         self._initializer = initializer if initializer is not None else default_initializer(self._embedding_shape)
         self.name = name
         self.seed = seed
         self._id_map = IdMap(self._device)
         self._weight = torch.empty((0, self.embedding_dim), dtype=dtype, device=self._device)
         self._slots: dict[str, torch.Tensor] = {}
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, float32 gradient)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (rows, float32 grad, rows distinct)
+        self._generation = 0  # bumped when rows are renumbered (load), so stale gradients are refused
         # A leaf requiring grad that every differentiable lookup hangs from.
         self._grad_anchor = torch.empty(0, device=self._device, requires_grad=True)
 
@@ -123,6 +130,30 @@ class HashTable(nn.Module):
         """A short label for error messages."""
         return f"HashTable {self.name!r}" if self.name else f"HashTable(embedding_shape={list(self._embedding_shape)})"
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Follow ``model.to(device)``, ``.cuda()``, ``.double()``, ``.half()``: move the table,
+        and cast its rows (optimizer slots keep their dtype)."""
+        probe = fn(torch.empty(0, dtype=self._dtype, device=self._device))
+        if probe.device != self._device:
+            self._move_to(probe.device)
+        if probe.dtype != self._dtype and probe.dtype.is_floating_point:
+            self._dtype = probe.dtype
+            self._weight = self._weight.to(probe.dtype)
+        return super()._apply(fn, recurse)
+
+    def _move_to(self, device: torch.device) -> None:
+        ids = self.ids().to(device)
+        self._device = device
+        self._id_map = IdMap(device)
+        self._id_map.insert_new(ids)
+        self._weight = self._weight[: len(ids)].to(device)
+        self._slots = {name: slot[: len(ids)].to(device) for name, slot in self._slots.items()}
+        self._pending = [
+            tuple(part.to(device) if isinstance(part, torch.Tensor) else part for part in entry)
+            for entry in self._pending
+        ]
+        self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
+
     # ------------------------------------------------------------------ reading
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = self._checked_ids(ids).reshape(-1)
@@ -133,9 +164,8 @@ class HashTable(nn.Module):
         else:
             rows = self._id_map.find(unique_ids)
             unique_values = self._read_or_initial(unique_ids, rows)
-        return self._differentiable(unique_values, inverse, partial(self._accept_unique_grad, rows)).reshape(
-            *ids.shape, *self._embedding_shape
-        )
+        receive = partial(self._accept_unique_grad, rows, self._generation, not self.training)
+        return self._differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
 
     def _differentiable(
         self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver
@@ -145,9 +175,16 @@ class HashTable(nn.Module):
             return row_lookup(self._grad_anchor, unique_values, inverse, receive)
         return unique_values.index_select(0, inverse)
 
-    def _accept_unique_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        present = rows >= 0  # eval-mode reads of absent ids have no row to receive a gradient
-        self._accept_row_grad(rows[present], grad[present])
+    def _accept_unique_grad(self, rows: torch.Tensor, generation: int, may_miss: bool, grad: torch.Tensor) -> None:
+        if generation != self._generation:
+            raise RuntimeError(
+                f"{self.describe()} was reloaded between forward and backward: its rows were renumbered, "
+                "so this gradient cannot be applied"
+            )
+        if may_miss:  # eval-mode reads of absent ids have no row to receive a gradient
+            present = rows >= 0
+            rows, grad = rows[present], grad[present]
+        self._pending.append((rows, grad, True))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ids that are present, ``ids.shape + embedding_shape``; no insert, no grad.
@@ -175,29 +212,38 @@ class HashTable(nn.Module):
 
         With repeated ids, the last value given for an id wins.
         """
-        ids = self._checked_ids(ids).reshape(-1)
+        self._assign_rows(*self._checked_assignment(ids, values))
+
+    def _checked_assignment(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ids and ``(len(ids), embedding_dim)`` values in the table's dtype, or a clear error."""
+        ids = self._checked_ids(ids)
         expected = (*ids.shape, *self._embedding_shape)
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
             got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
             raise TypeError(f"{self.describe()}.assign: values must be a floating tensor, got {got}")
         if tuple(values.shape) not in (expected, (ids.numel(), self.embedding_dim)):
             raise ValueError(f"{self.describe()}.assign: values have shape {tuple(values.shape)}, expected {expected}")
-        values = values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
+        ids = ids.reshape(-1)
+        return ids, values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
+
+    def _assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
         last_position = torch.full_like(unique_ids, -1).scatter_reduce_(
             0, inverse, torch.arange(ids.numel(), device=self._device), reduce="amax"
         )
-        rows = self._find_or_insert(unique_ids)
-        self._weight.index_copy_(0, rows, values.index_select(0, last_position))
+        unique_values = values.index_select(0, last_position)
+        rows = self._find_or_insert(unique_ids, unique_values)
+        self._weight.index_copy_(0, rows, unique_values)
 
-    def _find_or_insert(self, unique_ids: torch.Tensor) -> torch.Tensor:
-        """Rows of distinct ids; absent ids get new rows with initial values and zero slots."""
+    def _find_or_insert(self, unique_ids: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of distinct ids; absent ids get new rows (``values`` if given, else initial ones) and zero slots."""
         rows = self._id_map.find(unique_ids)
         absent = rows < 0
         if not bool(absent.any()):
             return rows
         new_ids = unique_ids[absent]
-        new_values = self.initial_values(new_ids)  # before any change: a failing initializer changes nothing
+        # computed before any change: a failing initializer changes nothing
+        new_values = values[absent] if values is not None else self.initial_values(new_ids)
         self._reserve(len(self) + new_ids.numel())
         new_rows = self._id_map.insert_new(new_ids)
         self._weight.index_copy_(0, new_rows, new_values)
@@ -220,15 +266,19 @@ class HashTable(nn.Module):
         return grown
 
     # ------------------------------------------------------------------ optimizer slots
+    def check_slot(self, name: str, width: int, dtype: torch.dtype) -> None:
+        """Raise unless ``add_slot(name, width, dtype)`` would succeed; changes nothing."""
+        existing = self._slots.get(name)
+        if existing is not None and (existing.shape[1] != width or existing.dtype != dtype):
+            raise ValueError(
+                f"{self.describe()}: slot {name!r} exists with width {existing.shape[1]} and dtype "
+                f"{existing.dtype}; asked for width {width} and dtype {dtype}"
+            )
+
     def add_slot(self, name: str, width: int, dtype: torch.dtype) -> torch.Tensor:
         """Register a per-row optimizer slot of ``width`` elements (zeros), or return the existing one."""
+        self.check_slot(name, width, dtype)
         if name in self._slots:
-            existing = self._slots[name]
-            if existing.shape[1] != width or existing.dtype != dtype:
-                raise ValueError(
-                    f"{self.describe()}: slot {name!r} exists with width {existing.shape[1]} and dtype "
-                    f"{existing.dtype}; asked for width {width} and dtype {dtype}"
-                )
             return self.slot(name)
         self._slots[name] = torch.zeros((self._weight.shape[0], width), dtype=dtype, device=self._device)
         return self.slot(name)
@@ -259,7 +309,8 @@ class HashTable(nn.Module):
         self._accept_row_grad(rows, grad.reshape(-1, self.embedding_dim))
 
     def _accept_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        self._pending.append((rows, grad.to(torch.promote_types(grad.dtype, torch.float32))))
+        """Add a gradient of ``rows`` (possibly repeated) to the pending gradient."""
+        self._pending.append((rows, grad.to(torch.promote_types(grad.dtype, torch.float32)), False))
 
     @property
     def has_grad(self) -> bool:
@@ -269,13 +320,16 @@ class HashTable(nn.Module):
     def pending_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The gradient received since ``clear_grad``, summed per row: ``(rows, grad)``.
 
-        ``rows`` is ascending and distinct; ``grad`` is float32 ``(len(rows), embedding_dim)``.
-        None when no gradient arrived (a table unused in the batch).
+        ``rows`` is distinct; ``grad`` is float32 ``(len(rows), embedding_dim)``. None when
+        no gradient arrived (a table unused in the batch). Do not modify the result in
+        place: it may be the stored pending gradient itself.
         """
         if not self._pending:
             return None
-        rows = torch.cat([rows for rows, _ in self._pending])
-        grads = torch.cat([grad for _, grad in self._pending])
+        if len(self._pending) == 1 and self._pending[0][2]:  # one backward: already one row per id
+            return self._pending[0][0], self._pending[0][1]
+        rows = torch.cat([rows for rows, _, _ in self._pending])
+        grads = torch.cat([grad for _, grad, _ in self._pending])
         return coalesce_rows(rows, grads)
 
     def clear_grad(self) -> None:
@@ -291,10 +345,9 @@ class HashTable(nn.Module):
         destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
         for name in self.slot_names():
             destination[prefix + _SLOT_PREFIX + name] = self.slot(name).detach()
-        pending = self.pending_grad()
+        pending = self._pending_by_id()
         if pending is not None:
-            destination[prefix + _PENDING_IDS] = ids[pending[0]]
-            destination[prefix + _PENDING_VALUES] = pending[1]
+            destination[prefix + _PENDING_IDS], destination[prefix + _PENDING_VALUES] = pending
 
     def _load_from_state_dict(
         self,
@@ -306,6 +359,8 @@ class HashTable(nn.Module):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         missing = [key for key in ("ids", "weight") if key not in ours]
         missing_keys.extend(prefix + key for key in missing)
@@ -320,9 +375,15 @@ class HashTable(nn.Module):
         slots = {key[len(_SLOT_PREFIX) :]: value for key, value in ours.items() if key.startswith(_SLOT_PREFIX)}
         self._restore(ours["ids"], ours["weight"], slots)
         if _PENDING_IDS in ours:
-            self._accept_row_grad(
-                self._id_map.find(ours[_PENDING_IDS].to(self._device)), ours[_PENDING_VALUES].to(self._device)
-            )
+            self._restore_pending(ours[_PENDING_IDS].to(self._device), ours[_PENDING_VALUES].to(self._device))
+
+    def _pending_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pending gradient as (ids, float32 rows) for a checkpoint, or None."""
+        pending = self.pending_grad()
+        return None if pending is None else (self.ids()[pending[0]], pending[1])
+
+    def _restore_pending(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        self._accept_row_grad(self._id_map.find(ids), grad)
 
     def _state_problem(self, ours: dict) -> str | None:
         """What is wrong with a state to load, or None; checked before anything changes."""
@@ -344,13 +405,14 @@ class HashTable(nn.Module):
             pending_ids = ours[_PENDING_IDS]
             if not isinstance(pending_ids, torch.Tensor) or pending_ids.dtype != torch.int64 or pending_ids.dim() != 1:
                 return f"'{_PENDING_IDS}' must be a 1-D int64 tensor"
-            if not bool(torch.isin(pending_ids, ids).all()):
+            if self._pending_needs_local_rows and not bool(torch.isin(pending_ids, ids).all()):
                 return f"'{_PENDING_IDS}' names ids that are not in 'ids'"
             problem = _matrix_problem(_PENDING_VALUES, ours[_PENDING_VALUES], pending_ids.numel(), self.embedding_dim)
         return problem
 
     def _restore(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
         count = ids.numel()
+        self._generation += 1
         self._id_map.clear()
         self._id_map.insert_new(ids.to(self._device))
         self._weight = weight.reshape(count, self.embedding_dim).to(device=self._device, dtype=self._dtype).clone()
