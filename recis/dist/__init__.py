@@ -1,9 +1,13 @@
-"""Distribution of tables across ranks (torch.distributed).
+"""Tables hash-partitioned across ranks, and the optimizer that updates rows at their owners.
 
-Today: the hash partitioner that assigns every id an owner rank. The sharded table
-and optimizer build on it.
+Launch with torchrun (gloo on CPU, NCCL on GPU); see ``ShardedHashTable`` and
+``ShardedOptimizer`` for the data flow.
 """
 
+from recis.dist.agreement import ConfigMismatchError
+from recis.dist.exchange import PeerError
 from recis.dist.partition import owner_rank
+from recis.dist.sharded_hashtable import ShardedHashTable
+from recis.dist.sharded_optimizer import ShardedOptimizer
 
-__all__ = ["owner_rank"]
+__all__ = ["ConfigMismatchError", "PeerError", "ShardedHashTable", "ShardedOptimizer", "owner_rank"]

@@ -195,6 +195,11 @@ class HashTable(nn.Module):
         rows = self._rows_of_present(ids.reshape(-1))
         return self._weight.index_select(0, rows).reshape(*ids.shape, *self._embedding_shape).clone()
 
+    @torch.no_grad()
+    def peek(self, unique_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of distinct ids, ``(len(ids), embedding_dim)``; absent ids read as their initial value. No insert."""
+        return self._read_or_initial(unique_ids, self._id_map.find(unique_ids))
+
     def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
         """The first value a new row for each id gets, ``(len(ids), embedding_dim)`` in the table dtype."""
         values = torch.as_tensor(self._initializer(ids, self._embedding_shape, self.seed))
@@ -288,6 +293,10 @@ class HashTable(nn.Module):
         if name not in self._slots:
             raise KeyError(f"{self.describe()} has no slot {name!r}; it has {sorted(self._slots)}")
         return self._slots[name][: len(self)]
+
+    def drop_slots(self) -> None:
+        """Forget every optimizer slot (for a replica whose slots are kept elsewhere)."""
+        self._slots = {}
 
     def slot_names(self) -> list[str]:
         return sorted(self._slots)

@@ -1,0 +1,86 @@
+"""Run a function on W gloo ranks spawned on localhost, with a hard deadline.
+
+``run_ranks(world_size, fn, *args)`` starts one process per rank, each with a gloo
+process group (file-store rendezvous, so no port can clash), calls
+``fn(rank, world_size, *args)`` and returns the per-rank results (anything
+``torch.save`` can write). A rank that raises fails the test with its traceback; a
+run past the deadline is killed and fails instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60
+
+
+class RankFailed(AssertionError):
+    pass
+
+
+def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)
+    outcome: dict[str, Any]
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        outcome = {"result": fn(rank, world_size, *args)}
+    except BaseException as error:  # reported to the parent, which fails the test
+        outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized() and "error" not in outcome:
+        dist.destroy_process_group()
+
+
+def run_ranks_outcomes(world_size: int, fn: Callable, *args: Any, deadline_s: float = 240) -> list[dict[str, Any]]:
+    """Per-rank ``{"result": ...}`` or ``{"error": ..., "traceback": ...}``; fails on a missing rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        store_path = os.path.join(out_dir, "store")
+        context = mp.get_context("spawn")
+        processes = [
+            context.Process(target=_rank_main, args=(rank, world_size, store_path, out_dir, fn, args), daemon=True)
+            for rank in range(world_size)
+        ]
+        for process in processes:
+            process.start()
+        end = time.monotonic() + deadline_s
+        for process in processes:
+            process.join(max(0.0, end - time.monotonic()))
+        hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if hung:
+            raise RankFailed(f"ranks {hung} of {world_size} still running after {deadline_s} s (hang?)")
+        outcomes = []
+        for rank, process in enumerate(processes):
+            path = os.path.join(out_dir, f"rank{rank}.pt")
+            if not os.path.exists(path):
+                raise RankFailed(f"rank {rank} exited with code {process.exitcode} without a result")
+            outcomes.append(torch.load(path, weights_only=False))
+        return outcomes
+
+
+def run_ranks(world_size: int, fn: Callable, *args: Any, deadline_s: float = 240) -> list[Any]:
+    """Per-rank results of ``fn``; any rank's exception fails with its traceback."""
+    outcomes = run_ranks_outcomes(world_size, fn, *args, deadline_s=deadline_s)
+    for rank, outcome in enumerate(outcomes):
+        if "error" in outcome:
+            raise RankFailed(f"rank {rank} failed: {outcome['error']}\n{outcome['traceback']}")
+    return [outcome["result"] for outcome in outcomes]

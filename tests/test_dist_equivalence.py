@@ -1,0 +1,155 @@
+"""W gloo ranks with local batches of b (mean loss) == one process with the W*b batch.
+
+Every rank runs the same cases in one spawn: the three sparse optimizers, sharded and
+replicated tables, with and without gradient accumulation. The global batches mix ids
+repeated across ranks (a small Zipf-like vocabulary) with ids that appear on one rank
+only (a fresh random 64-bit id per step).
+"""
+
+import pytest
+import torch
+from dist_harness import run_ranks
+from torch import nn
+
+from recis.dist import ShardedHashTable, ShardedOptimizer
+from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+from recis.optim import SparseAdam, SparseAdamW, SparseAdamWTF
+
+GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
+UPDATES = 5
+DIM = 3
+OPTIMIZERS = {"adam": SparseAdam, "adamw": SparseAdamW, "adamw_tf": SparseAdamWTF}
+CASES = [
+    (optimizer, kind, accum, bias_correction)
+    for optimizer in OPTIMIZERS
+    for kind in ("sharded", "replicated")
+    for accum, bias_correction in ((1, "table"), (2, "row"))
+]
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def _global_batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    batches = []
+    for step in range(UPDATES * accum):
+        popular = (torch.rand(GLOBAL_BATCH, 2, generator=generator) ** 3 * 25).long()
+        popular[step % GLOBAL_BATCH, 1] = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator)
+        batches.append((popular, torch.randn(GLOBAL_BATCH, generator=generator)))
+    return batches
+
+
+class TwoTables(nn.Module):
+    def __init__(self, table_type: type) -> None:
+        super().__init__()
+        self.user = table_type(DIM, name="user", seed=1)
+        self.item = table_type(DIM, name="item", seed=2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        user, item = self.user(ids[:, 0]), self.item(ids[:, 1])
+        return (user * item).sum(-1) + 0.5 * user.sum(-1)
+
+
+def _optimizer(name: str, model: nn.Module, bias_correction: str, accum: int):
+    optimizer = OPTIMIZERS[name](
+        filter_out_sparse_param(model), lr=0.05, weight_decay=0.1, bias_correction=bias_correction
+    )
+    optimizer.set_grad_accum_steps(accum)
+    return optimizer
+
+
+def _train(model: nn.Module, optimizer, batches, rank: int, world_size: int) -> None:
+    local = GLOBAL_BATCH // world_size
+    for ids, targets in batches:
+        part = slice(rank * local, (rank + 1) * local)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(ids[part]), targets[part]).backward()
+        optimizer.step()
+
+
+def _owned_state(table: HashTable, step: int) -> dict:
+    ids = HashTable.ids(table)  # the rows stored here (a sharded table's local shard)
+    state = {"ids": ids, "weight": table.weight.clone(), "table_step": step}
+    for name in table.slot_names():
+        state[f"slots.{name}"] = table.slot(name).clone()
+    return state
+
+
+def _run_cases(rank: int, world_size: int) -> dict:
+    results = {}
+    for optimizer_name, kind, accum, bias_correction in CASES:
+        model = TwoTables(ShardedHashTable if kind == "sharded" else HashTable)
+        optimizer = ShardedOptimizer(_optimizer(optimizer_name, model, bias_correction, accum))
+        _train(model, optimizer, _global_batches(accum), rank, world_size)
+        owned = {
+            table.name: _owned_state(table, optimizer.state[table]["step"])
+            for group in optimizer.param_groups
+            for table in group["params"]
+        }
+        replicas = {}
+        if kind == "replicated":
+            replicas = {name: (t.ids(), t.weight.clone()) for name, t in (("user", model.user), ("item", model.item))}
+        results[(optimizer_name, kind, accum, bias_correction)] = {"owned": owned, "replicas": replicas}
+    return results
+
+
+def _reference(optimizer_name: str, accum: int, bias_correction: str) -> dict:
+    model = TwoTables(HashTable)
+    optimizer = _optimizer(optimizer_name, model, bias_correction, accum)
+    _train(model, optimizer, _global_batches(accum), rank=0, world_size=1)
+    return {table.name: _owned_state(table, optimizer.state[table]["step"]) for table in (model.user, model.item)}
+
+
+def _by_id(state: dict, key: str) -> dict[int, torch.Tensor]:
+    return dict(zip(state["ids"].tolist(), state[key]))
+
+
+def _assert_owned_union_equals_reference(per_rank: list[dict], reference: dict, case) -> None:
+    for name, expected in reference.items():
+        keys = ["weight", *[k for k in expected if k.startswith("slots.")]]
+        for key in keys:
+            union: dict[int, torch.Tensor] = {}
+            for rank_result in per_rank:
+                part = _by_id(rank_result["owned"][name], key)
+                assert not set(part) & set(union), f"{case} {name}: an id is owned by two ranks"
+                union.update(part)
+            wanted = _by_id(expected, key)
+            assert set(union) == set(wanted), f"{case} {name} {key}: ids differ"
+            ordered = sorted(wanted)
+            torch.testing.assert_close(
+                torch.stack([union[i] for i in ordered]).double(),
+                torch.stack([wanted[i] for i in ordered]).double(),
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, n=name, k=key: f"{case} {n} {k}: {m}",
+            )
+        for rank_result in per_rank:
+            assert rank_result["owned"][name]["table_step"] == expected["table_step"], f"{case} {name}: step count"
+
+
+def _assert_replicas_equal_reference(per_rank: list[dict], reference: dict, case) -> None:
+    for name, expected in reference.items():
+        wanted = _by_id(expected, "weight")
+        for rank, rank_result in enumerate(per_rank):
+            ids, weight = rank_result["replicas"][name]
+            assert set(ids.tolist()) >= set(wanted), f"{case} {name}: rank {rank} replica lacks updated ids"
+            got = dict(zip(ids.tolist(), weight))
+            ordered = sorted(wanted)
+            torch.testing.assert_close(
+                torch.stack([got[i] for i in ordered]),
+                torch.stack([wanted[i] for i in ordered]),
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, r=rank, n=name: f"{case} {n} rank {r} replica: {m}",
+            )
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ranks_with_local_batches_match_one_process_with_the_whole_batch(world_size):
+    per_rank = run_ranks(world_size, _run_cases)
+    for case in CASES:
+        optimizer_name, kind, accum, bias_correction = case
+        reference = _reference(optimizer_name, accum, bias_correction)
+        results = [rank_results[case] for rank_results in per_rank]
+        _assert_owned_union_equals_reference(results, reference, case)
+        if kind == "replicated":
+            _assert_replicas_equal_reference(results, reference, case)
