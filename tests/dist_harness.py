@@ -48,7 +48,7 @@ def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str, fn: Ca
 
 
 def run_ranks_outcomes(world_size: int, fn: Callable, *args: Any, deadline_s: float = 240) -> list[dict[str, Any]]:
-    """Per-rank ``{"result": ...}`` or ``{"error": ..., "traceback": ...}``; fails on a missing rank."""
+    """Per-rank ``{"result": ...}`` or ``{"error": ..., "traceback": ...}`` (also for a rank that died)."""
     with tempfile.TemporaryDirectory() as out_dir:
         store_path = os.path.join(out_dir, "store")
         context = mp.get_context("spawn")
@@ -71,9 +71,10 @@ def run_ranks_outcomes(world_size: int, fn: Callable, *args: Any, deadline_s: fl
         outcomes = []
         for rank, process in enumerate(processes):
             path = os.path.join(out_dir, f"rank{rank}.pt")
-            if not os.path.exists(path):
-                raise RankFailed(f"rank {rank} exited with code {process.exitcode} without a result")
-            outcomes.append(torch.load(path, weights_only=False))
+            if os.path.exists(path):
+                outcomes.append(torch.load(path, weights_only=False))
+            else:
+                outcomes.append({"error": f"exited with code {process.exitcode} without a result", "traceback": ""})
         return outcomes
 
 

@@ -1,0 +1,185 @@
+"""ShardedHashTable and ShardedOptimizer on 2-3 spawned gloo ranks: collectives, errors, drop-in API."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import run_ranks, run_ranks_outcomes
+
+from recis.dist import ShardedHashTable, ShardedOptimizer, owner_rank
+from recis.nn.modules.hashtable import HashTable
+from recis.optim import SparseAdam, SparseAdamW
+
+IDS = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 12345678901234, 7, 8, 9, 10])
+
+
+def _new_ids_initialize_like_one_process(rank, world_size):
+    table = ShardedHashTable([2, 3], seed=11)
+    mine = IDS[rank::world_size]
+    rows = table(mine)
+    owned = table.local_ids()
+    assert bool((owner_rank(owned, world_size) == rank).all()), "a rank stores an id it does not own"
+    return mine, rows.detach(), table.ids(), table.num_ids()
+
+
+def test_a_new_id_gets_the_row_a_one_process_table_with_the_same_seed_gives():
+    reference = HashTable([2, 3], seed=11)
+    for mine, rows, all_ids, count in run_ranks(3, _new_ids_initialize_like_one_process):
+        torch.testing.assert_close(rows, reference(mine).detach(), rtol=0, atol=0)
+        assert sorted(all_ids.tolist()) == sorted(IDS.tolist()) and count == len(IDS)
+
+
+def _lookup_assign_and_eval(rank, world_size):
+    table = ShardedHashTable(2, seed=3)
+    table.assign(IDS[:4], torch.arange(8.0).reshape(4, 2) + 10 * rank)  # the highest rank wins
+    looked_up = table.lookup(IDS[:4])
+    try:
+        table.lookup(IDS[4:5] if rank == 1 else IDS[:1])  # absent on rank 1 only
+        missing_error = None
+    except KeyError as error:
+        missing_error = str(error)
+    table.eval()
+    evaluated = table(IDS[4:6]).detach()
+    return looked_up, missing_error, evaluated, table.num_ids()
+
+
+def test_lookup_assign_and_eval_reads_are_collective():
+    results = run_ranks(2, _lookup_assign_and_eval)
+    expected = torch.arange(8.0).reshape(4, 2) + 10  # rank 1's values
+    initial = HashTable(2, seed=3).initial_values(IDS[4:6])
+    for looked_up, _, evaluated, count in results:
+        torch.testing.assert_close(looked_up, expected, rtol=0, atol=0)
+        torch.testing.assert_close(evaluated, initial, rtol=0, atol=0)
+        assert count == 4, "eval-mode reads must not insert"
+    assert str(IDS[4].item()) in results[1][1]
+    assert "other ranks" in results[0][1]
+
+
+def _bad_ids_on_one_rank(rank, world_size):
+    table = ShardedHashTable(2)
+    ids = torch.tensor([1.5]) if rank == 0 else torch.tensor([1, 2])
+    try:
+        table(ids)
+    except Exception as error:  # every rank must fail, none may hang
+        return type(error).__name__, str(error), len(table)
+    return None
+
+
+def test_bad_input_on_one_rank_fails_every_rank_instead_of_hanging():
+    results = run_ranks(2, _bad_ids_on_one_rank, deadline_s=60)
+    assert results[0][0] == "TypeError" and "float" in results[0][1]
+    assert results[1][0] == "PeerError" and "rank 0" in results[1][1]
+    assert results[1][2] == 0, "the healthy rank inserted nothing"
+
+
+def _mismatched_table(rank, world_size, field):
+    kwargs = {"embedding_shape": 4, "dtype": torch.float32, "seed": 0}
+    if rank == 1:
+        kwargs[field] = {"embedding_shape": 5, "dtype": torch.bfloat16, "seed": 9}[field]
+    shape = kwargs.pop("embedding_shape")
+    ShardedHashTable(shape, **kwargs)
+
+
+@pytest.mark.parametrize("field", ["embedding_shape", "dtype", "seed"])
+def test_a_table_configured_differently_on_one_rank_fails_at_construction_naming_rank_and_field(field):
+    outcomes = run_ranks_outcomes(2, _mismatched_table, field, deadline_s=60)
+    for outcome in outcomes:
+        assert "ConfigMismatchError" in outcome["error"]
+        assert "rank 1" in outcome["error"] and field in outcome["error"]
+
+
+def _mismatched_optimizer(rank, world_size, field):
+    table = ShardedHashTable(4)
+    kwargs = {"lr": 0.1, "eps": 1e-8, "weight_decay": 0.0}
+    if rank == 1:
+        kwargs[field] = {"lr": 0.2, "eps": 1e-6, "weight_decay": 0.5}[field]
+    ShardedOptimizer(SparseAdam(table, **kwargs))
+
+
+@pytest.mark.parametrize("field", ["lr", "eps", "weight_decay"])
+def test_an_optimizer_configured_differently_on_one_rank_fails_at_construction_naming_rank_and_field(field):
+    outcomes = run_ranks_outcomes(2, _mismatched_optimizer, field, deadline_s=60)
+    for outcome in outcomes:
+        assert "ConfigMismatchError" in outcome["error"]
+        assert "rank 1" in outcome["error"] and f"param_groups[0].{field}" in outcome["error"]
+
+
+def _dying_rank(rank, world_size):
+    table = ShardedHashTable(2)
+    table(torch.tensor([1, 2, 3]))
+    if rank == 1:
+        os._exit(3)  # a crash: no goodbye to the process group
+    started = time.monotonic()
+    try:
+        table(torch.tensor([4, 5]))
+    except Exception as error:
+        return type(error).__name__, str(error), time.monotonic() - started
+    return None
+
+
+def test_a_rank_that_dies_makes_the_others_fail_within_the_timeout():
+    outcomes = run_ranks_outcomes(2, _dying_rank, deadline_s=120)
+    assert "result" in outcomes[0], outcomes[0]
+    error_type, message, seconds = outcomes[0]["result"]
+    assert error_type in ("RuntimeError", "DistBackendError"), message
+    assert seconds < 90
+    assert outcomes[1]["error"] == "exited with code 3 without a result"
+
+
+def _scheduled_and_reloaded(rank, world_size):
+    table = ShardedHashTable(3, seed=5, name="t")
+    replica = HashTable(3, seed=6, name="r")
+    optimizer = ShardedOptimizer(SparseAdamW([table, replica], lr=0.1))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    lrs = []
+    for step in range(4):
+        ids = torch.tensor([step, 100 + rank])
+        optimizer.zero_grad()
+        (table(ids).sum() + replica(ids).square().sum()).backward()
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    saved = optimizer.state_dict()
+    fresh = ShardedOptimizer(SparseAdamW([table, replica], lr=0.1))
+    fresh.load_state_dict(saved)
+    restored_steps = [fresh.state[t]["step"] for t in fresh.param_groups[0]["params"]]
+    shard = fresh.param_groups[0]["params"][1]
+    return lrs, restored_steps, shard.slot("exp_avg").clone(), replica.slot_names(), optimizer.last_step_bytes_sent
+
+
+def test_sharded_optimizer_is_a_drop_in_for_schedulers_and_state_dicts():
+    for lrs, steps, exp_avg, replica_slots, bytes_sent in run_ranks(2, _scheduled_and_reloaded):
+        assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
+        assert steps == [4, 4]
+        assert exp_avg.abs().sum() > 0, "the owner shard's slots came back with the state dict"
+        assert replica_slots == [], "a replica keeps no slots: they live at the owners"
+        assert bytes_sent > 0
+
+
+def _gradients_stay_local_between_updates(rank, world_size):
+    table = ShardedHashTable(2)
+    optimizer = ShardedOptimizer(SparseAdam(table, lr=0.1))
+    optimizer.set_grad_accum_steps(2)
+    table(torch.arange(20) + 100 * rank).sum().backward()  # 20 ids: some are owned by the other rank
+    optimizer.step()
+    micro_step_bytes = optimizer.last_step_bytes_sent
+    table(torch.arange(20) + 100 * rank).sum().backward()
+    optimizer.step()
+    return micro_step_bytes, optimizer.last_step_bytes_sent
+
+
+def test_an_accumulation_micro_step_sends_nothing():
+    for micro_step_bytes, update_bytes in run_ranks(2, _gradients_stay_local_between_updates):
+        assert micro_step_bytes == 0 and update_bytes > 0
+
+
+def test_the_process_group_is_really_distributed():
+    # guards the harness itself: each rank sees its own rank and the world size
+    ranks = run_ranks(3, lambda_rank)
+    assert ranks == [(0, 3), (1, 3), (2, 3)]
+
+
+def lambda_rank(rank, world_size):
+    return dist.get_rank(), dist.get_world_size()
