@@ -69,7 +69,7 @@ def all_to_all_rows(
 def all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's ``local`` rows (rank 0's first); ranks may hold different counts."""
     world_size, _ = group_size_and_rank(group)
-    count = torch.tensor([local.shape[0]], dtype=torch.int64)
+    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
     counts = [torch.zeros_like(count) for _ in range(world_size)]
     dist.all_gather(counts, count, group=group)
     longest = max(int(c) for c in counts)

@@ -109,7 +109,7 @@ class ShardedHashTable(HashTable):
         return answers[:, 1:].to(self.dtype).reshape(*ids.shape, *self.embedding_shape)
 
     def _raise_if_any_rank_missed(self, flat_ids: torch.Tensor, absent: torch.Tensor) -> None:
-        missed = torch.tensor([int(absent.sum())], dtype=torch.int64)
+        missed = torch.tensor([int(absent.sum())], dtype=torch.int64, device=self.device)
         dist.all_reduce(missed, group=self.process_group)
         if int(absent.sum()):
             raise KeyError(f"{self.describe()}: id {int(flat_ids[absent][0])} is not in the table")
@@ -123,7 +123,11 @@ class ShardedHashTable(HashTable):
             flat, values = self._checked_assignment(ids, values)
             error = None
         except (TypeError, ValueError) as bad_input:
-            flat, values, error = self._no_ids(), torch.empty(0, self.embedding_dim, dtype=self.dtype), bad_input
+            flat, values, error = (
+                self._no_ids(),
+                torch.empty(0, self.embedding_dim, dtype=self.dtype, device=self.device),
+                bad_input,
+            )
         routing, owned_ids = route_to_owners(flat, self.process_group, error)
         owned_values = routing.forward(values)
         self._assign_rows(owned_ids, owned_values)
@@ -138,7 +142,7 @@ class ShardedHashTable(HashTable):
 
     def num_ids(self) -> int:
         """How many ids the whole table holds (collective)."""
-        count = torch.tensor([len(self)], dtype=torch.int64)
+        count = torch.tensor([len(self)], dtype=torch.int64, device=self.device)
         dist.all_reduce(count, group=self.process_group)
         return int(count)
 

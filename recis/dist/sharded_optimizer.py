@@ -178,8 +178,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step, steps 1-3
     def _send_gradients_to_owners(self) -> None:
         local = [self._take_local_gradient(route.source) for route in self._routes]
-        outgoing = [self._sorted_by_owner(g, route.source.embedding_dim) for g, route in zip(local, self._routes)]
-        sizes = torch.zeros((self.world_size, 2 * len(self._routes)), dtype=torch.int64)
+        outgoing = [self._sorted_by_owner(g, route.source) for g, route in zip(local, self._routes)]
+        device = self._routes[0].source.device if self._routes else torch.device("cpu")
+        sizes = torch.zeros((self.world_size, 2 * len(self._routes)), dtype=torch.int64, device=device)
         for t, ((_, _, per_rank), gradient) in enumerate(zip(outgoing, local)):
             sizes[:, 2 * t] = per_rank
             sizes[:, 2 * t + 1] = int(gradient is not None)
@@ -204,12 +205,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return source.ids()[rows], grads
 
     def _sorted_by_owner(
-        self, gradient: tuple[torch.Tensor, torch.Tensor] | None, width: int
+        self, gradient: tuple[torch.Tensor, torch.Tensor] | None, table: HashTable
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, grads) grouped by owner rank, and how many go to each rank."""
         if gradient is None:
-            no_ids, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, width)
-            return no_ids, no_rows, torch.zeros(self.world_size, dtype=torch.int64)
+            no_ids = torch.empty(0, dtype=torch.int64, device=table.device)
+            no_rows = torch.empty(0, table.embedding_dim, device=table.device)
+            return no_ids, no_rows, torch.zeros(self.world_size, dtype=torch.int64, device=table.device)
         ids, grads = gradient
         owners = owner_rank(ids, self.world_size)
         order = torch.argsort(owners, stable=True)
@@ -233,7 +235,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for route in self._routes:
             if not route.replicated:
                 continue
-            owned = route.owned_ids if route.owned_ids is not None else torch.empty(0, dtype=torch.int64)
+            no_ids = torch.empty(0, dtype=torch.int64, device=route.source.device)
+            owned = route.owned_ids if route.owned_ids is not None else no_ids
             values = route.target.peek(owned)
             all_ids = all_gather_rows(owned, self.process_group)
             all_values = all_gather_rows(values, self.process_group)
