@@ -183,3 +183,33 @@ def test_the_process_group_is_really_distributed():
 
 def lambda_rank(rank, world_size):
     return dist.get_rank(), dist.get_world_size()
+
+
+def _one_process_state_into_shards(rank, world_size, state):
+    table = ShardedHashTable(3, seed=4)
+    optimizer = ShardedOptimizer(SparseAdam(table, lr=0.1))
+    table.load_state_dict(state)
+    local = table.state_dict()
+    assert torch.equal(local["ids"], table.local_ids()) and local["weight"].shape[0] == len(table)
+    assert bool((owner_rank(local["ids"], world_size) == rank).all())
+    looked_up = table.lookup(state["ids"])
+    optimizer.zero_grad()
+    return local, looked_up
+
+
+def test_a_one_process_table_state_dict_loads_into_shards_each_keeping_what_it_owns():
+    source = HashTable(3, seed=4)
+    optimizer = SparseAdam(source, lr=0.1)
+    source(IDS).square().sum().backward()
+    optimizer.step()
+    state = {key: value.clone() for key, value in source.state_dict().items()}
+    results = run_ranks(2, _one_process_state_into_shards, state)
+    union = {}
+    for local, looked_up in results:
+        torch.testing.assert_close(looked_up, state["weight"], rtol=0, atol=0)
+        for i, key in enumerate(local["ids"].tolist()):
+            union[key] = (local["weight"][i], local["slots.exp_avg"][i], local["slots.exp_avg_sq"][i])
+    assert sorted(union) == sorted(state["ids"].tolist())
+    for i, key in enumerate(state["ids"].tolist()):
+        for got, field in zip(union[key], ("weight", "slots.exp_avg", "slots.exp_avg_sq")):
+            torch.testing.assert_close(got, state[field][i], rtol=0, atol=0)

@@ -67,7 +67,7 @@ def _train(model: nn.Module, optimizer, batches, rank: int, world_size: int) -> 
 
 
 def _owned_state(table: HashTable, step: int) -> dict:
-    ids = HashTable.ids(table)  # the rows stored here (a sharded table's local shard)
+    ids = table.local_ids()  # the rows stored here (a sharded table's local shard)
     state = {"ids": ids, "weight": table.weight.clone(), "table_step": step}
     for name in table.slot_names():
         state[f"slots.{name}"] = table.slot(name).clone()

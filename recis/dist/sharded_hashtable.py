@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from recis.dist.agreement import require_same_config
 from recis.dist.exchange import PeerError, all_gather_rows, group_size_and_rank, route_to_owners
+from recis.dist.partition import owner_rank
 from recis.nn.initializers import Initializer
 from recis.nn.modules.hashtable import HashTable
 from recis.ops import coalesce_rows
@@ -40,7 +41,9 @@ class ShardedHashTable(HashTable):
 
     Collective calls (every rank must make them, in the same order): construction,
     ``forward``, ``lookup``, ``assign``, ``ids``, ``num_ids``. ``len(table)``,
-    ``weight`` and ``state_dict()`` are local: the rows this rank owns.
+    ``weight``, ``local_ids()`` and ``state_dict()`` are local: the rows this rank owns.
+    ``load_state_dict`` accepts any table's state (a one-process table's included) and
+    keeps the ids this rank owns.
     """
 
     _pending_needs_local_rows = False
@@ -134,11 +137,7 @@ class ShardedHashTable(HashTable):
 
     def ids(self) -> torch.Tensor:
         """Every id of the table, gathered from all ranks (rank 0's first, each in row order)."""
-        return all_gather_rows(super().ids(), self.process_group)
-
-    def local_ids(self) -> torch.Tensor:
-        """The ids this rank owns, in row order (the order of ``weight``)."""
-        return super().ids()
+        return all_gather_rows(self.local_ids(), self.process_group)
 
     def num_ids(self) -> int:
         """How many ids the whole table holds (collective)."""
@@ -185,6 +184,13 @@ class ShardedHashTable(HashTable):
 
     def _restore_pending(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         self._local_grads = [(ids, grad)]
+
+    # ------------------------------------------------------------------ state dict
+    def _restore(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
+        """Load a state dict holding any ids (a one-process table's, say): keep those this rank owns."""
+        owned = owner_rank(ids.to(self.device), self.world_size) == self.rank
+        owned_cpu = owned.to(ids.device)
+        super()._restore(ids[owned_cpu], weight[owned_cpu], {name: value[owned_cpu] for name, value in slots.items()})
 
     # ------------------------------------------------------------------ helpers
     def _no_ids(self) -> torch.Tensor:

@@ -202,7 +202,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if pending is None:
             return None
         rows, grads = pending
-        return source.ids()[rows], grads
+        return source.local_ids()[rows], grads
 
     def _sorted_by_owner(
         self, gradient: tuple[torch.Tensor, torch.Tensor] | None, table: HashTable

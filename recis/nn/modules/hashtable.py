@@ -120,6 +120,10 @@ class HashTable(nn.Module):
 
     def ids(self) -> torch.Tensor:
         """The ids present, in row order (the order of ``weight``)."""
+        return self.local_ids()
+
+    def local_ids(self) -> torch.Tensor:
+        """The ids stored in this process, in row order (for a sharded table: the local shard)."""
         return self._id_map.keys_by_row()
 
     def extra_repr(self) -> str:
@@ -142,7 +146,7 @@ class HashTable(nn.Module):
         return super()._apply(fn, recurse)
 
     def _move_to(self, device: torch.device) -> None:
-        ids = self.ids().to(device)
+        ids = self.local_ids().to(device)
         self._device = device
         self._id_map = IdMap(device)
         self._id_map.insert_new(ids)
@@ -349,7 +353,7 @@ class HashTable(nn.Module):
     # slot, and, while a gradient is pending (mid-accumulation), "pending_grad.ids" and
     # "pending_grad.values", so that a checkpoint taken between updates resumes exactly.
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        ids = self.ids()
+        ids = self.local_ids()
         destination[prefix + "ids"] = ids
         destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
         for name in self.slot_names():
@@ -389,7 +393,7 @@ class HashTable(nn.Module):
     def _pending_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pending gradient as (ids, float32 rows) for a checkpoint, or None."""
         pending = self.pending_grad()
-        return None if pending is None else (self.ids()[pending[0]], pending[1])
+        return None if pending is None else (self.local_ids()[pending[0]], pending[1])
 
     def _restore_pending(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         self._accept_row_grad(self._id_map.find(ids), grad)
