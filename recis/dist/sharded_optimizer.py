@@ -138,6 +138,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             config[f"tables[{t}].seed"] = table.seed
         return config
 
+    def owner_shards(self) -> dict[int, HashTable]:
+        """``{id(replicated table): the owner-side shard holding its slots on this rank}``."""
+        return {id(route.source): route.target for route in self._routes if route.replicated}
+
     # ------------------------------------------------------------------ torch.optim.Optimizer API
     @property
     def grad_accum_steps(self) -> int:

@@ -244,6 +244,18 @@ class HashTable(nn.Module):
         rows = self._find_or_insert(unique_ids, unique_values)
         self._weight.index_copy_(0, rows, unique_values)
 
+    def _write_rows(
+        self, unique_ids: torch.Tensor, weight: torch.Tensor | None, slots: dict[str, torch.Tensor]
+    ) -> None:
+        """Insert or overwrite rows of distinct ids: their values (if given) and the given slots."""
+        rows = self._find_or_insert(unique_ids, None if weight is None else weight.to(self._dtype))
+        if weight is not None:
+            self._weight.index_copy_(0, rows, weight.to(device=self._device, dtype=self._dtype))
+        for name, values in slots.items():
+            if name in self._slots:
+                slot = self._slots[name]
+                slot.index_copy_(0, rows, values.to(device=self._device, dtype=slot.dtype))
+
     def _find_or_insert(self, unique_ids: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of distinct ids; absent ids get new rows (``values`` if given, else initial ones) and zero slots."""
         rows = self._id_map.find(unique_ids)

@@ -1,0 +1,74 @@
+"""What a training run holds in tables, and who saves it.
+
+A *row store* is a HashTable whose rows a checkpoint streams to disk:
+
+- every ``HashTable``/``ShardedHashTable`` of the model, under its module path (role
+  ``rows``: ids, rows and any slots it holds);
+- the owner shards that a ``ShardedOptimizer`` keeps for replicated tables (role
+  ``owner_slots``: ids and slots of the rows a rank owns).
+
+A sharded table and an owner shard are saved by every rank (each its own ids); a
+replicated table is identical on every rank for every row that was ever updated, so
+rank 0 alone saves it. Everything else (dense parameters, optimizer scalars) is small
+and goes into one torch.save file per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis.dist.sharded_hashtable import ShardedHashTable
+from recis.dist.sharded_optimizer import ShardedOptimizer
+from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+
+ROWS, OWNER_SLOTS = "rows", "owner_slots"
+
+
+@dataclass
+class RowStore:
+    key: str  # the table's module path in the model
+    role: str  # ROWS or OWNER_SLOTS
+    table: HashTable
+    partitioned: bool  # each rank holds the ids it owns (else: every rank holds every id)
+
+    def saved_by(self, rank: int) -> bool:
+        return self.partitioned or rank == 0
+
+    def field_tensors(self) -> dict[str, torch.Tensor]:
+        """The 2-D arrays to save: ``ids`` (as one column), ``weight`` for ROWS, and every slot."""
+        fields = {"ids": self.table.local_ids().reshape(-1, 1)}
+        if self.role == ROWS:
+            fields["weight"] = self.table.weight
+        for name in self.table.slot_names():
+            fields[f"slot.{name}"] = self.table.slot(name)
+        return fields
+
+
+def row_stores(model: nn.Module, optimizers: tuple[Any, ...], world_size: int) -> list[RowStore]:
+    shards = {}
+    for optimizer in optimizers:
+        if isinstance(optimizer, ShardedOptimizer):
+            shards.update(optimizer.owner_shards())
+    stores = []
+    for key, table in filter_out_sparse_param(model).items():
+        sharded = isinstance(table, ShardedHashTable)
+        stores.append(RowStore(key, ROWS, table, partitioned=sharded))
+        if id(table) in shards:
+            stores.append(RowStore(key, OWNER_SLOTS, shards[id(table)], partitioned=True))
+    return stores
+
+
+def table_prefixes(model: nn.Module) -> list[str]:
+    return [f"{key}." if key else "" for key in filter_out_sparse_param(model)]
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` without the tables' entries (those are streamed as row stores)."""
+    prefixes = table_prefixes(model)
+    if "" in prefixes:  # the model is a table
+        return {}
+    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
