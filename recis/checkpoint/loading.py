@@ -28,7 +28,7 @@ from recis.dist.sharded_optimizer import ShardedOptimizer
 from recis.nn.modules.hashtable import filter_out_sparse_param
 
 
-def _check_fits(manifest: dict[str, Any], model: nn.Module, optimizers: tuple, world_size: int, states: list) -> None:
+def _check_fits(manifest: dict[str, Any], model: nn.Module, optimizers: tuple, world_size: int) -> None:
     """Raise ``CheckpointError`` naming the table or optimizer and the field that does not fit."""
     saved_tables = manifest["tables"]
     tables = filter_out_sparse_param(model)
@@ -42,12 +42,11 @@ def _check_fits(manifest: dict[str, Any], model: nn.Module, optimizers: tuple, w
     kinds = [optimizer_kind(optimizer) for optimizer in optimizers]
     if manifest["optimizers"] != kinds:
         raise CheckpointError(f"optimizers differ: checkpoint has {manifest['optimizers']}, this run {kinds}")
-    if world_size != manifest["world_size"]:
-        if any(rank_state["pending"] for rank_state in states):
-            raise CheckpointError(
-                f"checkpoint was taken mid-accumulation on {manifest['world_size']} ranks (field 'pending'): "
-                f"it can only be resumed on as many ranks, not {world_size}"
-            )
+    if world_size != manifest["world_size"] and manifest["mid_accumulation"]:
+        raise CheckpointError(
+            f"checkpoint was taken mid-accumulation on {manifest['world_size']} ranks (field 'mid_accumulation'): "
+            f"its pending gradients belong to those ranks' data, so it resumes only on {manifest['world_size']} ranks"
+        )
 
 
 def _agree(problem: Exception | None, world_size: int) -> None:
@@ -73,11 +72,7 @@ def _stream_into(store: RowStore, directory: Path, manifest: dict[str, Any], wor
     sets = [s for s in manifest["row_sets"] if s["key"] == store.key]
     for row_set in sorted(sets, key=lambda s: (s["role"] != ROWS, s["rank"])):
         path = directory / rank_file(row_set["rank"], "bin")
-        names = [
-            name
-            for name in row_set["fields"]
-            if name == "ids" or name in wanted_slots or (name == "weight" and store.role == ROWS)
-        ]
+        names = [name for name in row_set["fields"] if name in ("ids", "weight") or name in wanted_slots]
         if row_set["role"] == OWNER_SLOTS and store.role == ROWS and not wanted_slots:
             continue  # slots of a replica: this table keeps none
         described = [row_set["fields"][name] for name in names]
@@ -126,7 +121,7 @@ def load(path: str | os.PathLike, model: nn.Module, *optimizers: Any) -> dict[st
         verify_files(directory, manifest)
         own = rank if rank < manifest["world_size"] and world_size == manifest["world_size"] else 0
         states = [torch.load(directory / rank_file(r, "pt"), weights_only=False) for r in sorted({0, own})]
-        _check_fits(manifest, model, optimizers, world_size, states)
+        _check_fits(manifest, model, optimizers, world_size)
     except (CheckpointError, FileNotFoundError) as error:
         problem = error
     _agree(problem, world_size)
@@ -142,6 +137,6 @@ def load(path: str | os.PathLike, model: nn.Module, *optimizers: Any) -> dict[st
         _stream_into(store, directory, manifest, world_size, rank)
     for store in stores:
         pending = own_state["pending"].get(store.key)
-        if pending is not None and store.role == ROWS:
+        if pending is not None:
             store.table._restore_pending(*pending)
     return own_state["extra"]

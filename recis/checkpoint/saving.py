@@ -41,6 +41,7 @@ from recis.checkpoint.row_file import RowFileWriter, dtype_name
 from recis.checkpoint.row_stores import RowStore, dense_state_dict, row_stores
 from recis.dist.sharded_optimizer import ShardedOptimizer
 from recis.nn.modules.hashtable import filter_out_sparse_param
+from recis.optim.sparse_optimizer import SparseOptimizer
 
 
 def world() -> tuple[int, int]:
@@ -54,6 +55,12 @@ def optimizer_state(optimizer: Any) -> dict[str, Any]:
     if isinstance(optimizer, ShardedOptimizer):
         return optimizer.optimizer.state_dict()
     return optimizer.state_dict()
+
+
+def mid_accumulation(optimizers: tuple[Any, ...]) -> bool:
+    """Whether a sparse optimizer has taken micro-steps since its last update."""
+    inner = [o.optimizer if isinstance(o, ShardedOptimizer) else o for o in optimizers]
+    return any(isinstance(o, SparseOptimizer) and o.accumulating for o in inner)
 
 
 def optimizer_kind(optimizer: Any) -> str:
@@ -157,10 +164,11 @@ def save(
     staging = root / f".tmp-{name}"
     staging.mkdir(parents=True, exist_ok=True)
     stores = row_stores(model, optimizers, world_size)
+    accumulating = mid_accumulation(optimizers)  # only then are pending gradients part of the state
     small_state = {
         "dense": dense_state_dict(model) if rank == 0 else {},
         "optimizers": [optimizer_state(optimizer) for optimizer in optimizers],
-        "pending": {s.key: s.table._pending_by_id() for s in stores if s.role == "rows" and s.table.has_grad},
+        "pending": {s.key: s.table._pending_by_id() for s in stores if accumulating and s.role == "rows"},
         "extra": extra,
     }
     written = _write_rank_files(staging, rank, stores, small_state)
@@ -176,6 +184,7 @@ def save(
             "name": name,
             "created": time.time(),
             "world_size": world_size,
+            "mid_accumulation": accumulating,
             "tables": _table_descriptions(model),
             "optimizers": [optimizer_kind(optimizer) for optimizer in optimizers],
             "row_sets": [row_set for row_sets, _ in gathered for row_set in row_sets],
