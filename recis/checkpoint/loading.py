@@ -60,16 +60,19 @@ def _agree(problem: Exception | None, world_size: int) -> None:
         raise problem
 
 
-def _keep_mask(store: RowStore, ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+def _kept(store: RowStore, ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor | slice:
+    """Which of ``ids`` this rank keeps: its own under ``world_size`` if partitioned, else all."""
     if store.partitioned:
         return owner_rank(ids, world_size) == rank
-    return torch.ones_like(ids, dtype=torch.bool)
+    return slice(None)
 
 
 def _stream_into(store: RowStore, directory: Path, manifest: dict[str, Any], world_size: int, rank: int) -> None:
     """Write into ``store`` the rows of its table key that this rank keeps; rows first, then slots."""
     wanted_slots = {f"slot.{name}" for name in store.table.slot_names()}
     sets = [s for s in manifest["row_sets"] if s["key"] == store.key]
+    most_rows = max([sum(s["count"] for s in sets if s["role"] == role) for role in (ROWS, OWNER_SLOTS)])
+    store.table.reserve(most_rows if not store.partitioned else most_rows // world_size + most_rows // (8 * world_size))
     for row_set in sorted(sets, key=lambda s: (s["role"] != ROWS, s["rank"])):
         path = directory / rank_file(row_set["rank"], "bin")
         names = [name for name in row_set["fields"] if name in ("ids", "weight") or name in wanted_slots]
@@ -81,7 +84,7 @@ def _stream_into(store: RowStore, directory: Path, manifest: dict[str, Any], wor
         for chunk in zip(*readers):
             fields = dict(zip(names, chunk))
             ids = fields.pop("ids").reshape(-1).to(store.table.device)
-            keep = _keep_mask(store, ids, world_size, rank)
+            keep = _kept(store, ids, world_size, rank)
             weight = fields.pop("weight", None)
             store.table._write_rows(
                 ids[keep],

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:

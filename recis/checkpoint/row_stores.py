@@ -23,7 +23,7 @@ from torch import nn
 
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.dist.sharded_optimizer import ShardedOptimizer
-from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param, without_tables_in_state_dict
 
 ROWS, OWNER_SLOTS = "rows", "owner_slots"
 
@@ -68,7 +68,5 @@ def table_prefixes(model: nn.Module) -> list[str]:
 
 def dense_state_dict(model: nn.Module) -> dict[str, Any]:
     """``model.state_dict()`` without the tables' entries (those are streamed as row stores)."""
-    prefixes = table_prefixes(model)
-    if "" in prefixes:  # the model is a table
-        return {}
-    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+    with without_tables_in_state_dict():
+        return model.state_dict()

@@ -13,7 +13,8 @@ Rows and slots live in buffers with spare capacity that double when full.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -52,6 +53,9 @@ class HashTable(nn.Module):
     value. The result is differentiable: backward hands the gradient of each unique id
     to the table (see ``pending_grad``), for a ``recis.optim`` sparse optimizer.
     """
+
+    # Set by without_tables_in_state_dict(): checkpoints stream rows themselves.
+    _state_dict_skips_tables = False
 
     # Whether a pending gradient refers to rows of this table (a sharded table keeps
     # gradients of ids owned elsewhere until the optimizer sends them to their owners).
@@ -273,11 +277,17 @@ class HashTable(nn.Module):
         rows[absent] = new_rows
         return rows
 
+    def reserve(self, row_count: int) -> None:
+        """Make room for ``row_count`` rows (and their slots) at once, instead of growing by doubling."""
+        if row_count > self._weight.shape[0]:
+            self._resize(row_count)
+
     def _reserve(self, row_count: int) -> None:
         capacity = self._weight.shape[0]
-        if row_count <= capacity:
-            return
-        new_capacity = max(row_count, 2 * capacity, 16)
+        if row_count > capacity:
+            self._resize(max(row_count, 2 * capacity, 16))
+
+    def _resize(self, new_capacity: int) -> None:
         self._weight = self._grown(self._weight, new_capacity)
         self._slots = {name: self._grown(slot, new_capacity) for name, slot in self._slots.items()}
 
@@ -365,6 +375,8 @@ class HashTable(nn.Module):
     # slot, and, while a gradient is pending (mid-accumulation), "pending_grad.ids" and
     # "pending_grad.values", so that a checkpoint taken between updates resumes exactly.
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if HashTable._state_dict_skips_tables:
+            return
         ids = self.local_ids()
         destination[prefix + "ids"] = ids
         destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
@@ -476,6 +488,16 @@ class HashTable(nn.Module):
         if bool(absent.any()):
             values[absent] = self.initial_values(unique_ids[absent])
         return values
+
+
+@contextmanager
+def without_tables_in_state_dict() -> Iterator[None]:
+    """Within this block, ``model.state_dict()`` leaves tables out (their rows are streamed elsewhere)."""
+    HashTable._state_dict_skips_tables = True
+    try:
+        yield
+    finally:
+        HashTable._state_dict_skips_tables = False
 
 
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
