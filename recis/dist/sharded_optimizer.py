@@ -99,9 +99,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
         self.last_step_bytes_sent = 0
         self._routes: list[_Route] = []
+        require_same_config("ShardedOptimizer", self._config(), process_group)  # before changing anything
         for group in self.param_groups:
             self._route_group(group)
-        require_same_config("ShardedOptimizer", self._config(), process_group)
 
     def _route_group(self, group: dict[str, Any]) -> None:
         """Route every table of ``group``; replicated tables are replaced by their owner shards."""
@@ -131,9 +131,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for key, value in group.items():
                 if key != "params":
                     config[f"param_groups[{g}].{key}"] = repr(value)
-        for t, route in enumerate(self._routes):
-            table = route.source
-            kind = "sharded" if not route.replicated else "replicated"
+        tables = [table for group in self.param_groups for table in group["params"]]
+        for t, table in enumerate(tables):
+            kind = "sharded" if isinstance(table, ShardedHashTable) else "replicated"
             config[f"tables[{t}]"] = f"{kind} {table.name!r} shape={list(table.embedding_shape)} {table.dtype}"
             config[f"tables[{t}].seed"] = table.seed
         return config
