@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install recis and what it needs into the active Python, reusing an installed torch.
+# Install recis, its test tools and what the examples need into the active Python,
+# reusing an installed torch.
 # An unpinned "torch" would pull the newest release with several GB of CUDA packages,
 # so torch is installed (pinned) only when no suitable one is present.
 set -euo pipefail
@@ -16,4 +17,4 @@ then
   echo "setup: installing torch==2.13.0 (no suitable torch found)"
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,examples]"
