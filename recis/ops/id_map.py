@@ -19,7 +19,8 @@ _MAX_LOAD = 0.5
 _MIN_BUCKETS = 64
 
 
-def _bucket_count_for(num_ids: int) -> int:
+def bucket_count_for(num_ids: int) -> int:
+    """The smallest power-of-two bucket count (>= 64) that keeps the load factor <= 1/2."""
     buckets = _MIN_BUCKETS
     while num_ids > buckets * _MAX_LOAD:
         buckets *= 2
@@ -74,21 +75,34 @@ class IdMap:
         new_rows = torch.arange(self._size, self._size + count, device=self.device)
         if count == 0:
             return new_rows
-        needed = _bucket_count_for(self._size + count)
+        needed = bucket_count_for(self._size + count)
         if needed > self.bucket_count:
             self._rehash(needed)
         self._place(ids, new_rows)
         self._size += count
         return new_rows
 
-    def find_or_insert(self, unique_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of pairwise distinct ids, inserting the absent ones.
+    def find_or_insert(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ids, inserting the absent ones; returns ``(rows, is_new)``.
 
-        Returns ``(rows, is_new)``; new ids get rows in the order they appear.
+        Ids may repeat: new ids get rows in order of first appearance, and only the
+        first occurrence of a new id is flagged new.
         """
-        rows = self.find(unique_ids)
-        is_new = rows < 0
-        rows[is_new] = self.insert_new(unique_ids[is_new])
+        rows = self.find(ids)
+        absent = torch.nonzero(rows < 0).reshape(-1)
+        is_new = torch.zeros_like(rows, dtype=torch.bool)
+        if absent.numel() == 0:
+            return rows, is_new
+        new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
+        first = torch.full_like(new_ids, absent.numel()).scatter_reduce_(
+            0, inverse, torch.arange(absent.numel(), device=self.device), reduce="amin"
+        )
+        by_appearance = torch.argsort(first)
+        rank = torch.empty_like(by_appearance)
+        rank[by_appearance] = torch.arange(by_appearance.numel(), device=self.device)
+        new_rows = self.insert_new(new_ids[by_appearance])
+        rows[absent] = new_rows[rank[inverse]]
+        is_new[absent[first]] = True
         return rows, is_new
 
     def keys_by_row(self) -> torch.Tensor:

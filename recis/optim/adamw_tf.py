@@ -14,18 +14,20 @@ updated every step, as in TF's dense Adam.
 
 The class validates and holds state in torch's layout (``step``, ``exp_avg``,
 ``exp_avg_sq`` per parameter); ``adamw_tf`` is the functional core, with a
-multi-tensor (``torch._foreach_*``) path, the default, and a per-tensor path.
+multi-tensor path, the default (``recis.ops.adamw_tf_multi_tensor``: a fused native
+kernel, or ``torch._foreach_*``), and a per-tensor path.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from recis.ops import adamw_tf_multi_tensor
+from recis.ops.adamw_tf_update import tf_step_size
 from recis.optim.hyperparameters import check_betas, check_eps, check_lr, check_weight_decay
 
 
@@ -144,10 +146,6 @@ def adamw_tf(
     )
 
 
-def _tf_step_size(lr: float, beta1: float, beta2: float, step: float) -> float:
-    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-
-
 def _single_tensor_adamw_tf(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -169,7 +167,7 @@ def _single_tensor_adamw_tf(
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = exp_avg_sq.sqrt().add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-_tf_step_size(lr, beta1, beta2, step_t.item()))
+        param.addcdiv_(exp_avg, denom, value=-tf_step_size(lr, beta1, beta2, step_t.item()))
 
 
 def _multi_tensor_adamw_tf(
@@ -178,24 +176,8 @@ def _multi_tensor_adamw_tf(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     state_steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
+    **hyper: Any,
 ) -> None:
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
     for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_steps), _ in grouped.values():
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-        torch._foreach_add_(device_steps, 1)
-        torch._foreach_mul_(device_params, 1 - weight_decay)
-        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
-        torch._foreach_mul_(device_exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, 1 - beta2)
-        denoms = torch._foreach_sqrt(device_exp_avg_sqs)
-        torch._foreach_add_(denoms, eps)
-        step_sizes = [-_tf_step_size(lr, beta1, beta2, step.item()) for step in device_steps]
-        torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
+        adamw_tf_multi_tensor(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_steps, **hyper)

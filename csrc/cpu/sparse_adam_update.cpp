@@ -1,0 +1,112 @@
+// Fused Adam-family update of the touched rows of a table, on CPU.
+//
+// One pass over the touched rows reads the row, its exp_avg and exp_avg_sq once, does
+// the math of common/adam_rule.h in the compute type C (float, or double for float64
+// slots) and writes the three back once. rows are distinct; grad[u] is the (coalesced)
+// gradient of rows[u]. Low-precision rows are widened to C and rounded back once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../common/adam_rule.h"
+#include "adam_span_avx2.h"
+#include "vec_math.h"
+
+namespace recis::cpu {
+namespace {
+
+constexpr int64_t kPrefetchDistance = 4;  // rows ahead
+
+// The rule over one row: AVX2+FMA when the CPU has it, else at::vec.
+template <typename C>
+void update_row(C* theta, C* m, C* v, const C* g, int64_t dim, const AdamScalars<C>& s, const RowStep<C>* row) {
+  if (cpu_has_avx2_fma()) return adam_span_avx2(theta, m, v, g, dim, s, row);
+  using V = Vectorized<C>;
+  for_each_vector<C>(dim, [&](int64_t j, int64_t n) {
+    V t = load(theta + j, n), mm = load(m + j, n), vv = load(v + j, n);
+    adam_element<VecMath, V, C>(t, mm, vv, load(g + j, n), s, row);
+    store(t, theta + j, n);
+    store(mm, m + j, n);
+    store(vv, v + j, n);
+  });
+}
+
+template <typename W, typename C>
+void update_rows(W* weight, C* exp_avg, C* exp_avg_sq, const int64_t* rows, int64_t count, const C* grad,
+                 int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
+  const AdamScalars<C> s = adam_scalars<C>(hyper);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    std::vector<C> widened(std::is_same_v<W, C> ? 0 : dim);
+    for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchDistance < end) {
+        const int64_t ahead = rows[u + kPrefetchDistance];
+        prefetch_row(weight + ahead * dim, dim * sizeof(W));
+        prefetch_row(exp_avg + ahead * dim, dim * sizeof(C));
+        prefetch_row(exp_avg_sq + ahead * dim, dim * sizeof(C));
+      }
+      const int64_t r = rows[u];
+      RowStep<C> step;
+      if (row_steps != nullptr) {
+        const int64_t t = ++row_steps[r];
+        step = row_step<C>(hyper.lr, hyper.beta1, hyper.beta2, s.corrected, t);
+      }
+      const RowStep<C>* per_row = row_steps != nullptr ? &step : nullptr;
+      const C* g = grad + u * dim;
+      if constexpr (std::is_same_v<W, C>) {
+        update_row<C>(weight + r * dim, exp_avg + r * dim, exp_avg_sq + r * dim, g, dim, s, per_row);
+      } else {
+        widen(weight + r * dim, widened.data(), dim);
+        update_row<C>(widened.data(), exp_avg + r * dim, exp_avg_sq + r * dim, g, dim, s, per_row);
+        narrow(widened.data(), weight + r * dim, dim);
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                  const at::Tensor& rows, const at::Tensor& grad, const std::optional<at::Tensor>& row_steps) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
+  TORCH_CHECK(exp_avg.sizes() == weight.sizes() && exp_avg_sq.sizes() == weight.sizes(),
+              "exp_avg and exp_avg_sq must have the shape of weight");
+  TORCH_CHECK(exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), "slots must be contiguous");
+  TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), "exp_avg and exp_avg_sq must share a dtype");
+  TORCH_CHECK(grad.scalar_type() == exp_avg.scalar_type(), "grad must have the dtype of the slots");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows: 1-D int64");
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(1) == weight.size(1), "grad: (n, dim)");
+  TORCH_CHECK(grad.size(0) == rows.numel(), "grad must have one row per touched row");
+  if (row_steps.has_value()) {
+    TORCH_CHECK(row_steps->scalar_type() == at::kLong && row_steps->is_contiguous() &&
+                    row_steps->numel() == weight.size(0), "row_steps: int64, one per row");
+  }
+}
+
+void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
+                        const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon,
+                        bool maximize, int64_t step) {
+  check_inputs(weight, exp_avg, exp_avg_sq, rows, grad, row_steps);
+  const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
+                        static_cast<EpsilonPlacement>(epsilon), maximize, step};
+  int64_t* steps = row_steps.has_value() ? row_steps->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(exp_avg.scalar_type(), "recis_sparse_adam_update", [&] {
+    using C = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "recis_sparse_adam_rows", [&] {
+      TORCH_CHECK(sizeof(scalar_t) <= sizeof(C), "rows wider than their slots are not supported");
+      update_rows<scalar_t, C>(weight.data_ptr<scalar_t>(), exp_avg.data_ptr<C>(), exp_avg_sq.data_ptr<C>(),
+                               rows.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(), weight.size(1),
+                               steps, hyper);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(recis, CPU, m) { m.impl("sparse_adam_update", &sparse_adam_update); }
+
+}  // namespace recis::cpu

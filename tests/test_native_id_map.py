@@ -1,0 +1,102 @@
+"""The native id map against a dict reference and the torch id map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from native_support import require_native
+
+from recis.ops.id_map import IdMap
+from recis.ops.native_id_map import NativeIdMap
+
+require_native()
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SPECIAL = [-1, 0, INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 1, -2]
+MAPS = [NativeIdMap, IdMap]
+
+
+def _ids(values) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+def _find_or_insert_with_reference(id_map, reference: dict[int, int], batch: list[int]) -> None:
+    expected_new = []
+    for value in batch:
+        expected_new.append(value not in reference)
+        reference.setdefault(value, len(reference))
+    rows, is_new = id_map.find_or_insert(_ids(batch))
+    assert rows.tolist() == [reference[v] for v in batch]
+    assert is_new.tolist() == expected_new
+
+
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_thousands_of_inserts_with_growth_against_a_dict(map_cls):
+    id_map = map_cls()
+    generator = torch.Generator().manual_seed(1)
+    reference: dict[int, int] = {}
+    for size in [1, 7, 100, 900, 3000, 20000, 5]:
+        batch = list(dict.fromkeys(torch.randint(INT64_MIN, INT64_MAX, (size,), generator=generator).tolist()))
+        _find_or_insert_with_reference(id_map, reference, batch)
+        assert len(id_map) == len(reference)
+        assert id_map.bucket_count >= 2 * len(id_map) and id_map.bucket_count & (id_map.bucket_count - 1) == 0
+    assert id_map.find(_ids(reference)).tolist() == list(reference.values())
+    assert id_map.keys_by_row().tolist() == list(reference)
+
+
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_repeated_new_ids_in_one_call_get_the_row_of_their_first_occurrence(map_cls):
+    id_map = map_cls()
+    id_map.insert_new(_ids([10, 20]))
+    batch = [30, 10, 30, -1, 40, -1, 30, 20, 40, INT64_MIN, INT64_MIN]
+    rows, is_new = id_map.find_or_insert(_ids(batch))
+    assert rows.tolist() == [2, 0, 2, 3, 4, 3, 2, 1, 4, 5, 5]
+    assert is_new.tolist() == [True, False, False, True, True, False, False, False, False, True, False]
+    assert len(id_map) == 6
+    assert id_map.keys_by_row().tolist() == [10, 20, 30, -1, 40, INT64_MIN]
+
+
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_many_repeats_with_growth_in_one_call_against_a_dict(map_cls):
+    id_map = map_cls()
+    reference: dict[int, int] = {}
+    generator = torch.Generator().manual_seed(2)
+    pool = torch.randint(INT64_MIN, INT64_MAX, (3000,), generator=generator).tolist() + SPECIAL
+    for _ in range(5):
+        picks = torch.randint(0, len(pool), (4000,), generator=generator).tolist()
+        _find_or_insert_with_reference(id_map, reference, [pool[i] for i in picks])
+    assert id_map.keys_by_row().tolist() == list(reference)
+
+
+def test_native_and_torch_maps_number_rows_identically():
+    generator = torch.Generator().manual_seed(3)
+    native, reference = NativeIdMap(), IdMap()
+    for _ in range(6):
+        batch = torch.randint(-500, 500, (700,), generator=generator)
+        for id_map in (native, reference):
+            id_map.find_or_insert(batch)
+        probe = torch.randint(-600, 600, (300,), generator=generator)
+        assert torch.equal(native.find(probe), reference.find(probe))
+    assert torch.equal(native.keys_by_row(), reference.keys_by_row())
+
+
+def test_int64_extremes_and_minus_one_are_ids():
+    id_map = NativeIdMap()
+    assert id_map.find(_ids(SPECIAL)).tolist() == [-1] * len(SPECIAL)
+    assert id_map.insert_new(_ids(SPECIAL)).tolist() == list(range(len(SPECIAL)))
+    assert id_map.find(_ids(SPECIAL)).tolist() == list(range(len(SPECIAL)))
+    assert id_map.find(_ids([-3, 2, INT64_MIN + 2, INT64_MAX - 2])).tolist() == [-1] * 4
+    structured = [k * 2**32 for k in range(-2000, 2000)]
+    rows, _ = id_map.find_or_insert(_ids(structured))
+    assert id_map.find(_ids(structured)).tolist() == rows.tolist()
+
+
+def test_clear_and_empty_batches():
+    id_map = NativeIdMap()
+    id_map.insert_new(_ids(range(5000)))
+    empty = torch.empty(0, dtype=torch.int64)
+    rows, is_new = id_map.find_or_insert(empty)
+    assert rows.numel() == 0 and is_new.numel() == 0 and id_map.insert_new(empty).numel() == 0
+    id_map.clear()
+    assert len(id_map) == 0 and id_map.find(_ids([1, 2])).tolist() == [-1, -1]
+    assert id_map.find_or_insert(_ids([2, 1, 2]))[0].tolist() == [0, 1, 0]

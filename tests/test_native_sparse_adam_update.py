@@ -1,0 +1,113 @@
+"""The native fused Adam-family row update against the torch kernel, every rule and dtype."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from native_support import assert_same, require_native
+
+from recis.ops import native_kernels
+from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay, sparse_adam_update
+
+require_native()
+
+RULES = list(itertools.product(WeightDecay, EpsilonPlacement))
+HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+
+
+def _table(rows: int, dim: int, dtype: torch.dtype, state_dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, dim, generator=generator).to(dtype)
+    exp_avg = torch.randn(rows, dim, generator=generator).to(state_dtype) * 0.1
+    exp_avg_sq = torch.rand(rows, dim, generator=generator).to(state_dtype) * 0.01
+    row_steps = torch.randint(0, 5, (rows, 1), generator=generator)
+    return [weight, exp_avg, exp_avg_sq, row_steps]
+
+
+def _run_steps(update, tensors, *, steps: int, touched: int, dim: int, per_row: bool, seed: int, **options) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    weight, exp_avg, exp_avg_sq, row_steps = tensors
+    for step in range(1, steps + 1):
+        rows = torch.randperm(weight.shape[0], generator=generator)[:touched]
+        grad = torch.randn(touched, dim, generator=generator).to(exp_avg.dtype)
+        if step == 2:
+            grad[0] = 0.0  # a zero gradient row
+        update(
+            weight, exp_avg, exp_avg_sq, rows, grad, step=step, row_steps=row_steps if per_row else None,
+            **{**HYPER, **options},
+        )  # fmt: skip
+
+
+def _compare(dtype, state_dtype, decay, epsilon, *, per_row=False, maximize=False, dim=37, beta1=0.9, touched=40):
+    options = dict(decay=decay, epsilon=epsilon, maximize=maximize, beta1=beta1)
+    native = _table(64, dim, dtype, state_dtype, seed=1)
+    reference = [t.clone() for t in native]
+    kwargs = dict(steps=4, touched=touched, dim=dim, per_row=per_row, seed=2, **options)
+    _run_steps(native_kernels.sparse_adam_update, native, **kwargs)
+    _run_steps(sparse_adam_update, reference, **kwargs)
+    for name, a, b in zip(("weight", "exp_avg", "exp_avg_sq", "row_steps"), native, reference):
+        assert_same(a, b, f"{name} {dtype} {decay} {epsilon}")
+
+
+@pytest.mark.parametrize(("decay", "epsilon"), RULES)
+@pytest.mark.parametrize("per_row", [False, True], ids=["table", "row"])
+def test_float32_rows_match_the_torch_kernel(decay, epsilon, per_row):
+    _compare(torch.float32, torch.float32, decay, epsilon, per_row=per_row)
+
+
+@pytest.mark.parametrize(("decay", "epsilon"), RULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rows_with_float32_state_match(decay, epsilon, dtype):
+    _compare(dtype, torch.float32, decay, epsilon)
+
+
+@pytest.mark.parametrize(("decay", "epsilon"), RULES)
+def test_float64_rows_and_state_match(decay, epsilon):
+    _compare(torch.float64, torch.float64, decay, epsilon, per_row=True)
+
+
+@pytest.mark.parametrize("dim", [1, 7, 8, 64, 129])
+def test_row_widths_around_the_vector_width_match(dim):
+    _compare(torch.float32, torch.float32, WeightDecay.DECOUPLED, EpsilonPlacement.CORRECTED, dim=dim)
+
+
+def test_maximize_and_a_beta1_below_one_half_match():
+    # beta1 < 0.5 takes the other branch of torch's lerp.
+    _compare(torch.float32, torch.float32, WeightDecay.L2, EpsilonPlacement.UNCORRECTED, maximize=True, beta1=0.3)
+
+
+def test_empty_gradient_changes_nothing():
+    native = _table(16, 8, torch.float32, torch.float32, seed=5)
+    before = [t.clone() for t in native]
+    weight, exp_avg, exp_avg_sq, row_steps = native
+    for per_row in (False, True):
+        native_kernels.sparse_adam_update(
+            weight, exp_avg, exp_avg_sq, torch.empty(0, dtype=torch.int64), torch.empty(0, 8), step=1,
+            row_steps=row_steps if per_row else None, decay=WeightDecay.DECOUPLED,
+            epsilon=EpsilonPlacement.CORRECTED, maximize=False, **HYPER,
+        )  # fmt: skip
+    for a, b in zip(native, before):
+        assert torch.equal(a, b)
+
+
+def test_untouched_rows_are_not_written():
+    native = _table(32, 8, torch.bfloat16, torch.float32, seed=6)
+    before = [t.clone() for t in native]
+    rows = torch.tensor([3, 17, 30])
+    native_kernels.sparse_adam_update(
+        *native[:3], rows, torch.ones(3, 8), step=1, row_steps=native[3], decay=WeightDecay.DECOUPLED_NO_LR,
+        epsilon=EpsilonPlacement.UNCORRECTED, maximize=False, **HYPER,
+    )  # fmt: skip
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[rows] = False
+    for a, b in zip(native, before):
+        assert torch.equal(a[untouched], b[untouched])
+        assert not torch.equal(a[rows], b[rows])
+
+
+def test_layouts_the_kernel_does_not_take_fall_back_to_torch():
+    # bfloat16 state and float64 rows over float32 state are handed to the torch kernel.
+    for dtype, state_dtype in ((torch.float32, torch.bfloat16), (torch.float64, torch.float32)):
+        _compare(dtype, state_dtype, WeightDecay.DECOUPLED, EpsilonPlacement.CORRECTED)
