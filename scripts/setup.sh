@@ -17,4 +17,7 @@ then
   echo "setup: installing torch==2.13.0 (no suitable torch found)"
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,examples]"
+# The native kernels (csrc/) build against the installed torch, so no build isolation
+# (it would download another torch); ninja compiles them in parallel.
+"$PYTHON" -m pip install --quiet --disable-pip-version-check "setuptools>=64" ninja
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test,examples]"
