@@ -19,5 +19,5 @@ then
 fi
 # The native kernels (csrc/) build against the installed torch, so no build isolation
 # (it would download another torch); ninja compiles them in parallel.
-"$PYTHON" -m pip install --quiet --disable-pip-version-check "setuptools>=64" ninja
+"$PYTHON" -m pip install --quiet --disable-pip-version-check "setuptools>=70.1" wheel ninja
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test,examples]"
