@@ -1,0 +1,355 @@
+"""Speed of the sparse update path against the memory floor, torch and FBGEMM (CPU).
+
+    python benchmarks/sparse_update.py [--quick] [--plot benchmarks/sparse_update.png]
+
+Setting: 2 threads, float32, rows of dim 64, batches of 65,536 random int64 ids. Each
+figure is the median of repeated runs after warm-up. Cases:
+  floor            a kernel (csrc/cpu/memory_floor.cpp) that only reads and writes the
+                   touched rows of weight, exp_avg and exp_avg_sq once
+  adamw-step       recis SparseAdamW.step() on a 1M-row HashTable (native and torch kernels)
+  torch-sparseadam torch.optim.SparseAdam.step() on nn.Embedding(sparse=True)
+  train-step       find-or-insert, gather, backward, SparseAdamW update (recis), against
+                   FBGEMM's CPU fused backward+update with EXACT_ROWWISE_ADAGRAD on a
+                   fixed 1M-row table (forward + backward), same ids
+  scaling          native update kernel and floor against touched rows and table size
+  id-map           find-or-insert of 65,536 distinct ids, half new, into a 1M-id map
+Effective GB/s counts the floor's bytes (touched rows x dim x 4 B x 3 tensors x 2).
+Each backend runs in its own process (RECIS_BACKEND is read at import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DIM = 64
+BATCH = 65_536
+TABLE_ROWS = 1_000_000
+THREADS = 2
+
+
+def median_ms(run: Callable[[], None], prepare: Callable[[], None] | None = None, repeats: int = 15) -> float:
+    """Median wall time of ``run`` in ms, after 3 warm-ups; ``prepare`` runs untimed before each."""
+    times = []
+    for index in range(repeats + 3):
+        if prepare is not None:
+            prepare()
+        start = time.perf_counter()
+        run()
+        if index >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def floor_bytes(touched: int) -> int:
+    return touched * DIM * 4 * 3 * 2
+
+
+# ---------------------------------------------------------------------- workers (one backend each)
+def _random_ids(generator, count: int):
+    import torch
+
+    return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator)
+
+
+def _filled_table(generator):
+    import torch
+
+    from recis.nn.modules.hashtable import HashTable
+
+    table = HashTable([DIM], name="bench")
+    vocabulary = _random_ids(generator, TABLE_ROWS).unique()
+    for chunk in vocabulary.split(262_144):
+        table.assign(chunk, torch.zeros(chunk.numel(), DIM))
+    return table, vocabulary
+
+
+def worker_adamw_step(repeats: int) -> dict:
+    import torch
+
+    from recis.optim import SparseAdamW
+
+    generator = torch.Generator().manual_seed(0)
+    table, vocabulary = _filled_table(generator)
+    optimizer = SparseAdamW([table], lr=1e-3)
+    batch = vocabulary[torch.randint(0, vocabulary.numel(), (BATCH,), generator=generator)]
+
+    def prepare() -> None:
+        optimizer.zero_grad()
+        table(batch).sum().backward()
+
+    touched = int(batch.unique().numel())
+    step_ms = median_ms(optimizer.step, prepare, repeats)
+
+    def train_step() -> None:
+        optimizer.zero_grad()
+        table(_random_batch()).square().sum().backward()
+        optimizer.step()
+
+    stream = torch.Generator().manual_seed(1)
+
+    mixed = [0.0]  # first the table's own ids (a fixed vocabulary, as FBGEMM's table)
+
+    def _random_batch():
+        return torch.where(
+            torch.rand(BATCH, generator=stream) >= mixed[0],
+            vocabulary[torch.randint(0, vocabulary.numel(), (BATCH,), generator=stream)],
+            _random_ids(stream, BATCH),
+        )
+
+    fixed_ms = median_ms(train_step, None, repeats)
+    mixed[0] = 0.5  # then arbitrary int64 ids: about half new to the table, inserted and initialized
+    new_ms = median_ms(train_step, None, repeats)
+    return {"step_ms": step_ms, "touched": touched, "train_ms": fixed_ms, "train_new_ms": new_ms}
+
+
+def worker_id_map(repeats: int) -> dict:
+    import torch
+
+    from recis.ops import IdMap
+
+    generator = torch.Generator().manual_seed(2)
+    id_map = IdMap()
+    present = _random_ids(generator, TABLE_ROWS).unique()
+    id_map.insert_new(present)
+    batches = []
+    for _ in range(repeats + 3):
+        old = present[torch.randint(0, present.numel(), (BATCH // 2,), generator=generator)].unique()
+        new = _random_ids(generator, BATCH - old.numel())
+        batches.append(torch.cat([old, new])[torch.randperm(BATCH, generator=generator)])
+    pending = iter(batches)
+    current: list = []
+    return {"find_or_insert_ms": median_ms(lambda: id_map.find_or_insert(current[-1]),
+                                           lambda: current.append(next(pending)), repeats)}  # fmt: skip
+
+
+def worker_native_kernels(repeats: int, quick: bool) -> dict:
+    """Floor and native update kernel against touched rows and table size (raw tensors)."""
+    import torch
+
+    from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
+
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decay=WeightDecay.DECOUPLED,
+                 epsilon=EpsilonPlacement.CORRECTED, maximize=False)  # fmt: skip
+    table_sizes = [1_000_000, 2_000_000] if quick else [1_000_000, 5_000_000, 10_000_000, 20_000_000]
+    batches = [4_096, 16_384, 65_536, 262_144]
+    results = []
+    generator = torch.Generator().manual_seed(3)
+    for table_rows in table_sizes:
+        # torch.empty maps pages lazily: only the touched rows' pages become resident.
+        tables = [torch.empty(table_rows, DIM) for _ in range(3)]  # weight, exp_avg, exp_avg_sq
+        for batch in batches if table_rows == TABLE_ROWS else [BATCH]:
+            rows = torch.randint(0, table_rows, (batch,), generator=generator).unique()
+            rows = rows[torch.randperm(rows.numel(), generator=generator)]
+            results.append({"table_rows": table_rows, "ids": batch,
+                            **_time_kernels(tables, rows, generator, repeats, hyper)})  # fmt: skip
+        del tables
+    return {"scaling": results}
+
+
+def _time_kernels(tables, rows, generator, repeats: int, hyper: dict) -> dict:
+    import torch
+
+    from recis.ops import native_kernels
+
+    for tensor in tables:
+        tensor[rows] = 0.01
+    grad = torch.randn(rows.numel(), DIM, generator=generator)
+    step = [0]
+
+    def update() -> None:
+        step[0] += 1
+        native_kernels.sparse_adam_update(*tables, rows, grad, step=step[0], **hyper)
+
+    return {
+        "touched": int(rows.numel()),
+        "floor_ms": median_ms(lambda: torch.ops.recis.memory_floor(*tables, rows, 1.0), None, repeats),
+        "update_ms": median_ms(update, None, repeats),
+    }
+
+
+def worker_torch_sparse_adam(repeats: int) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.nn.Embedding(TABLE_ROWS, DIM, sparse=True)
+    optimizer = torch.optim.SparseAdam(embedding.parameters(), lr=1e-3)
+    ids = torch.randint(0, TABLE_ROWS, (BATCH,), generator=generator)
+
+    def prepare() -> None:
+        optimizer.zero_grad()
+        embedding(ids).sum().backward()
+
+    return {"step_ms": median_ms(optimizer.step, prepare, repeats), "touched": int(ids.unique().numel())}
+
+
+def worker_fbgemm(repeats: int) -> dict:
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    results = {}
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, TABLE_ROWS, (BATCH,), generator=generator)
+    offsets = torch.arange(BATCH + 1, dtype=torch.int64)  # one id per bag
+    for name, optimizer in (("rowwise_adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD),
+                            ("adagrad", EmbOptimType.EXACT_ADAGRAD)):  # fmt: skip
+        tables = SplitTableBatchedEmbeddingBagsCodegen(
+            [(TABLE_ROWS, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+            optimizer=optimizer,
+            learning_rate=0.01,
+            pooling_mode=PoolingMode.SUM,
+        )
+
+        def train_step(tables=tables) -> None:
+            tables(ids, offsets).square().sum().backward()  # backward runs the fused update
+
+        results[name + "_ms"] = median_ms(train_step, None, repeats)
+    return results
+
+
+WORKERS = {
+    "adamw_step": lambda args: worker_adamw_step(args.repeats),
+    "id_map": lambda args: worker_id_map(args.repeats),
+    "native_kernels": lambda args: worker_native_kernels(args.repeats, args.quick),
+    "torch_sparse_adam": lambda args: worker_torch_sparse_adam(args.repeats),
+    "fbgemm": lambda args: worker_fbgemm(args.repeats),
+}
+
+
+def run_worker(name: str, backend: str, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "RECIS_BACKEND": backend, "OMP_NUM_THREADS": str(THREADS)}
+    command = [sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats)]
+    if args.quick:
+        command.append("--quick")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"[{name}/{backend} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- report
+def gbps(touched: int, ms: float) -> float:
+    return floor_bytes(touched) / (ms * 1e-3) / 1e9
+
+
+def report(results: dict) -> list[list[str]]:
+    floor = next(r for r in results["native_kernels"]["scaling"] if r["table_rows"] == TABLE_ROWS and r["ids"] == BATCH)
+    floor_ms, touched = floor["floor_ms"], floor["touched"]
+    native, reference = results["adamw_step/native"], results["adamw_step/torch"]
+    sparse_adam = results.get("torch_sparse_adam", {}).get("step_ms")
+    fbgemm = results.get("fbgemm", {})
+    rows = [["case", "backend", "table rows", "touched rows", "median ms", "eff. GB/s", "x floor", "vs peers"]]
+
+    def add(case, backend, ms, peers="", table_rows=TABLE_ROWS, touched_rows=touched):
+        rows.append([case, backend, f"{table_rows:,}", f"{touched_rows:,}", f"{ms:.2f}",
+                     f"{gbps(touched_rows, ms):.1f}", f"{ms / floor_ms:.2f}", peers])  # fmt: skip
+
+    add("memory floor", "native", floor_ms)
+    add(
+        "SparseAdamW.step",
+        "native",
+        native["step_ms"],
+        f"{reference['step_ms'] / native['step_ms']:.1f}x faster than torch kernels; "
+        + (f"{sparse_adam / native['step_ms']:.1f}x faster than torch SparseAdam" if sparse_adam else ""),
+    )
+    add("SparseAdamW.step", "torch", reference["step_ms"])
+    if sparse_adam:
+        add("torch.optim.SparseAdam.step", "torch", sparse_adam, touched_rows=results["torch_sparse_adam"]["touched"])
+    add(
+        "train step (insert+fwd+bwd+AdamW)",
+        "native",
+        native["train_ms"],
+        (f"{fbgemm['rowwise_adagrad_ms'] / native['train_ms']:.2f}x FBGEMM rowwise-Adagrad speed" if fbgemm else ""),
+    )
+    add("train step (insert+fwd+bwd+AdamW)", "torch", reference["train_ms"])
+    add("train step, half the ids new", "native", native["train_new_ms"])
+    add("train step, half the ids new", "torch", reference["train_new_ms"])
+    for name in ("rowwise_adagrad", "adagrad"):
+        if fbgemm:
+            add(f"FBGEMM fwd+bwd {name}", "fbgemm", fbgemm[f"{name}_ms"])
+    for entry in results["native_kernels"]["scaling"]:
+        ms = entry["update_ms"]
+        rows.append([f"update kernel ({entry['ids']:,} ids)", "native", f"{entry['table_rows']:,}",
+                     f"{entry['touched']:,}", f"{ms:.2f}", f"{gbps(entry['touched'], ms):.1f}",
+                     f"{ms / entry['floor_ms']:.2f}", f"floor {entry['floor_ms']:.2f} ms"])  # fmt: skip
+    for backend in ("native", "torch"):
+        ms = results[f"id_map/{backend}"]["find_or_insert_ms"]
+        rows.append(["id map find-or-insert (half new)", backend, "1,000,000", f"{BATCH:,}", f"{ms:.2f}", "", "", ""])
+    return rows
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scaling = results["native_kernels"]["scaling"]
+    by_batch = [r for r in scaling if r["table_rows"] == TABLE_ROWS]
+    by_table = [r for r in scaling if r["ids"] == BATCH]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("update_ms", "native SparseAdamW update"), ("floor_ms", "memory floor")):
+        left.plot([r["touched"] for r in by_batch], [r[key] for r in by_batch], "o-", label=label)
+        right.plot([r["table_rows"] / 1e6 for r in by_table], [r[key] for r in by_table], "o-", label=label)
+    left.set(xscale="log", yscale="log", xlabel="touched rows (1M-row table)", ylabel="median ms",
+             title="cost vs touched rows")  # fmt: skip
+    right.set(xlabel="table rows (millions), 65,536 ids", ylabel="median ms", title="cost vs table size")
+    right.set_ylim(bottom=0)
+    for axis in (left, right):
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle("recis sparse update, 2 threads, float32, dim 64")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="smaller tables for the scaling curve")
+    parser.add_argument("--plot", type=Path, default=Path(__file__).with_suffix(".png"))
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    results = {
+        "native_kernels": run_worker("native_kernels", "native", args),
+        "adamw_step/native": run_worker("adamw_step", "native", args),
+        "adamw_step/torch": run_worker("adamw_step", "torch", args),
+        "id_map/native": run_worker("id_map", "native", args),
+        "id_map/torch": run_worker("id_map", "torch", args),
+        "torch_sparse_adam": run_worker("torch_sparse_adam", "torch", args),
+        "fbgemm": run_worker("fbgemm", "torch", args),
+    }
+    print_table(report(results))
+    plot(results, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
