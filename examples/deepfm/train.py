@@ -354,6 +354,17 @@ def held_out_auc(trainer: Trainer, data: TrainingData, world: World) -> tuple[fl
     return metrics.auc(scores, labels), None if planted is None else metrics.auc(planted, labels)
 
 
+def cores_per_rank(cpu_seconds: float, seconds: float, world: World) -> float:
+    """CPU time of the training steps (all threads) over their wall time, averaged over ranks.
+
+    On a machine shared with other jobs it says how much CPU the ranks actually got.
+    """
+    share = torch.tensor([cpu_seconds / max(seconds, 1e-9)], dtype=torch.float64, device=world.device)
+    if world.distributed:
+        dist.all_reduce(share)
+    return float(share) / world.size
+
+
 def describe(args: argparse.Namespace, trainer: Trainer, world: World, rows: int) -> str:
     across = f" over {world.size} ranks ({dist.get_backend()})" if world.distributed else ""
     if args.baseline:
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=1.0, disable=world.rank != 0)
     samples_per_update = world.size * args.batch_size * args.grad_accum
     interval = [0, 0.0]  # samples and training seconds since the last log row
-    run_samples, run_seconds, saved_step = 0, 0.0, None
+    run_samples, run_seconds, run_cpu_seconds, saved_step = 0, 0.0, 0.0, None
 
     def log(test_auc: float | None) -> None:
         rows = trainer.model.sparse.num_rows()  # a collective for a sharded table: every rank calls it
@@ -420,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
 
     stop_at = step + args.stop_after if args.stop_after is not None else None
     while (args.steps is None or step < args.steps) and step != stop_at:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         micro_batches = [data.next() for _ in range(args.grad_accum)]
         complete = all(batch is not None for batch in micro_batches)
         if not data.endless and not all_agree(complete, world):  # a rank's part ran out: all stop together
@@ -432,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - started
         samples = sum(len(batch) for batch in micro_batches) * world.size
         run_samples, run_seconds = run_samples + samples, run_seconds + elapsed
+        run_cpu_seconds += time.process_time() - cpu_started
         interval[0], interval[1] = interval[0] + samples, interval[1] + elapsed
         bar.update(1)
         if world.rank == 0:
@@ -457,13 +469,14 @@ def main(argv: list[str] | None = None) -> None:
         save(checkpoints, trainer, {**position_now(), "data": data.position()}, args)
         saved_step = step
     rows = trainer.model.sparse.num_rows()
+    cores = cores_per_rank(run_cpu_seconds, run_seconds, world)
     if world.rank == 0:
         title = describe(args, trainer, world, rows)
         metrics.plot(csv.path, str(out_dir / "plot.png"), title)
         print(title)
         print(
             f"trained steps {first_step}-{step} ({run_samples:,} samples) in {run_seconds:.1f} s: "
-            f"{run_samples / max(run_seconds, 1e-9):,.0f} samples/s"
+            f"{run_samples / max(run_seconds, 1e-9):,.0f} samples/s, {cores:.2f} CPU cores busy per rank"
         )
         if planted is not None:
             print(f"AUC of the planted model itself on the held-out set: {planted:.4f}")
