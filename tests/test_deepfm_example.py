@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,15 @@ def test_two_ranks_write_csv_plot_checkpoint_and_resume_continues_exactly(tmp_pa
     _test_auc(first)
     _assert_outputs(interrupted, 25)
     assert (interrupted / "checkpoints" / "latest").read_text().strip().endswith("step25")
+
+    # The same checkpoint also resumes in one process (the checkpoint reshards; the stream goes on).
+    one_process = tmp_path / "one_process"
+    shutil.copytree(interrupted, one_process)
+    resharded = _one_process(*run, "--resume", "--out-dir", str(one_process))
+    assert "DeepFM: one HashTable" in resharded and "trained steps 25-40 " in resharded
+    _test_auc(resharded)
+    samples = {int(row["step"]): int(row["samples"]) for row in _assert_outputs(one_process, 40)}
+    assert samples == {10: 10 * 512, 20: 20 * 512, 25: 25 * 512, 30: 25 * 512 + 5 * 256, 40: 25 * 512 + 15 * 256}
 
     resumed = _two_ranks(*run, "--resume", "--out-dir", str(interrupted))
     assert "trained steps 25-40 " in resumed
@@ -267,3 +277,12 @@ def test_synthetic_planted_model_is_learnable_signal():
     labels = batch.labels[order]
     assert 0.15 < batch.labels.mean() < 0.35  # a Criteo-like click rate
     assert labels[-2000:].mean() > 3 * labels[:2000].mean()  # the planted logits rank clicks well above chance
+
+
+def test_readme_main_command_runs_this_example_on_two_ranks():
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    first_command = re.search(r"```bash\n([^\n]*)", quick_start).group(1)
+    assert first_command.startswith(
+        "bash scripts/setup.sh && torchrun --standalone --nproc_per_node 2 examples/deepfm/train.py"
+    ), first_command

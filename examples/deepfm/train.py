@@ -402,7 +402,6 @@ def main(argv: list[str] | None = None) -> None:
 
     running = metrics.RunningMetrics(window=20)
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=1.0, disable=world.rank != 0)
-    samples_per_update = world.size * args.batch_size * args.grad_accum
     interval = [0, 0.0]  # samples and training seconds since the last log row
     run_samples, run_seconds, run_cpu_seconds, saved_step = 0, 0.0, 0.0, None
 
@@ -413,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         throughput = interval[0] / interval[1] if interval[1] else math.nan
         csv.write(
             step=step,
-            samples=step * samples_per_update,
+            samples=data.position()["samples"],  # so far, all ranks (also across a resume at another world size)
             seconds=seconds_before + run_seconds,
             loss=running.loss(),
             train_auc=running.auc(),
