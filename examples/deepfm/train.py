@@ -245,8 +245,8 @@ def build(args: argparse.Namespace, world: World) -> Trainer:
         sparse_wd = (
             args.sparse_weight_decay if args.sparse_weight_decay is not None else SPARSE_WEIGHT_DECAY[args.sparse_opt]
         )
-        tables = model.sparse.table
-        sparse_opt = SPARSE_OPTIMIZERS[args.sparse_opt]([tables], lr=args.sparse_lr, weight_decay=sparse_wd)
+        table = model.sparse.table
+        sparse_opt = SPARSE_OPTIMIZERS[args.sparse_opt]([table], lr=args.sparse_lr, weight_decay=sparse_wd)
         sparse_opt.set_grad_accum_steps(args.grad_accum)  # it divides its accumulated gradient by grad_accum
         if world.distributed:
             sparse_opt = ShardedOptimizer(sparse_opt)  # gradients go to the rows' owners, averaged over ranks
