@@ -151,15 +151,8 @@ class ShardedHashTable(HashTable):
 
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a gradient for ids anywhere in the table; it reaches their owners at the next update."""
-        ids = self._checked_ids(ids)
-        expected = (*ids.shape, *self.embedding_shape)
-        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
-            raise TypeError(
-                f"{self.describe()}: a gradient must be a floating tensor, got {getattr(grad, 'dtype', grad)!r}"
-            )
-        if tuple(grad.shape) != expected:
-            raise ValueError(f"{self.describe()}: gradient has shape {tuple(grad.shape)}, expected {expected}")
-        self._local_grads.append((ids.reshape(-1), grad.reshape(-1, self.embedding_dim).float()))
+        flat_ids, grad = self._checked_gradient(ids, grad)
+        self._local_grads.append((flat_ids, grad.float()))
 
     def take_local_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This rank's gradient since the last update, summed per id, and forget it; None if none arrived."""

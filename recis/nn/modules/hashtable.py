@@ -330,6 +330,11 @@ class HashTable(nn.Module):
     # ------------------------------------------------------------------ gradients
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
+        flat_ids, grad = self._checked_gradient(ids, grad)
+        self._accept_row_grad(self._rows_of_present(flat_ids), grad)
+
+    def _checked_gradient(self, ids: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat int64 ids and ``(len(ids), embedding_dim)`` gradient rows, or a clear error."""
         ids = self._checked_ids(ids)
         expected = (*ids.shape, *self._embedding_shape)
         if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
@@ -340,8 +345,7 @@ class HashTable(nn.Module):
             raise ValueError(f"{self.describe()}: gradient has shape {tuple(grad.shape)}, expected {expected}")
         if grad.device != self._device:
             raise ValueError(f"{self.describe()}: gradient is on {grad.device}, the table on {self._device}")
-        rows = self._rows_of_present(ids.reshape(-1))
-        self._accept_row_grad(rows, grad.reshape(-1, self.embedding_dim))
+        return ids.reshape(-1), grad.reshape(-1, self.embedding_dim)
 
     def _accept_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a gradient of ``rows`` (possibly repeated) to the pending gradient."""
