@@ -4,10 +4,11 @@
 // Host synchronization happens only where an output's size depends on the data (the
 // number of distinct rows of a coalescing, the new size of the id map).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -20,7 +21,7 @@ void check(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, what, ": ", cudaGetErrorString(status));
 }
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 RowType row_type_of(const at::Tensor& weight) {
   switch (weight.scalar_type()) {
@@ -31,14 +32,14 @@ RowType row_type_of(const at::Tensor& weight) {
   }
 }
 
-void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
+void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
                         const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr, double beta1,
                         double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon, bool maximize,
                         int64_t step) {
   const c10::cuda::CUDAGuard guard(weight.device());
   TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat &&
                   grad.scalar_type() == at::kFloat, "CUDA sparse_adam_update: float32 slots and gradient");
-  for (const at::Tensor* t : {&weight, &exp_avg, &exp_avg_sq, &rows, &grad}) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&weight, &exp_avg, &exp_avg_sq, &rows, &grad}) {
     TORCH_CHECK(t->is_contiguous() && t->device() == weight.device(), "CUDA sparse_adam_update: contiguous, one device");
   }
   TORCH_CHECK(grad.size(0) == rows.numel() && grad.size(1) == weight.size(1), "grad must be (len(rows), dim)");
@@ -51,7 +52,7 @@ void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_av
         "sparse_adam_update");
 }
 
-std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& rows_in, const at::Tensor& grads_in) {
+std::tuple<at::Tensor, at::Tensor> coalesce_rows_op(const at::Tensor& rows_in, const at::Tensor& grads_in) {
   const c10::cuda::CUDAGuard guard(rows_in.device());
   TORCH_CHECK(grads_in.scalar_type() == at::kFloat, "CUDA coalesce_rows: float32 gradients");
   const at::Tensor rows = rows_in.contiguous(), grads = grads_in.contiguous();
@@ -73,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& rows_in, cons
   return {unique_rows.narrow(0, 0, unique), summed};
 }
 
-at::Tensor id_map_find(const at::Tensor& buckets, const at::Tensor& ids) {
+at::Tensor id_map_find_op(const at::Tensor& buckets, const at::Tensor& ids) {
   const c10::cuda::CUDAGuard guard(buckets.device());
   at::Tensor rows = at::empty_like(ids);
   check(recis::cuda::id_map_find(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), ids.numel(),
@@ -82,7 +83,7 @@ at::Tensor id_map_find(const at::Tensor& buckets, const at::Tensor& ids) {
   return rows;
 }
 
-std::tuple<at::Tensor, int64_t> id_map_insert_missing(at::Tensor buckets, const at::Tensor& ids, at::Tensor rows,
+std::tuple<at::Tensor, int64_t> id_map_insert_missing_op(at::Tensor buckets, const at::Tensor& ids, at::Tensor rows,
                                                       int64_t size) {
   const c10::cuda::CUDAGuard guard(buckets.device());
   const int64_t n = ids.numel();
@@ -97,7 +98,7 @@ std::tuple<at::Tensor, int64_t> id_map_insert_missing(at::Tensor buckets, const 
   return {is_new, new_size.item<int64_t>()};  // the map's size is host state: one synchronization
 }
 
-at::Tensor id_map_rehash(const at::Tensor& buckets, int64_t bucket_count) {
+at::Tensor id_map_rehash_op(const at::Tensor& buckets, int64_t bucket_count) {
   const c10::cuda::CUDAGuard guard(buckets.device());
   at::Tensor grown = at::empty({bucket_count, 2}, buckets.options());
   grown.select(1, 1).fill_(-1);
@@ -107,7 +108,7 @@ at::Tensor id_map_rehash(const at::Tensor& buckets, int64_t bucket_count) {
   return grown;
 }
 
-at::Tensor id_map_keys_by_row(const at::Tensor& buckets, int64_t size) {
+at::Tensor id_map_keys_by_row_op(const at::Tensor& buckets, int64_t size) {
   const c10::cuda::CUDAGuard guard(buckets.device());
   at::Tensor keys = at::empty({size}, buckets.options());
   check(recis::cuda::id_map_keys_by_row(buckets.data_ptr<int64_t>(), buckets.size(0), keys.data_ptr<int64_t>(),
@@ -119,12 +120,12 @@ at::Tensor id_map_keys_by_row(const at::Tensor& buckets, int64_t size) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recis, CUDA, m) {
-  m.impl("sparse_adam_update", &sparse_adam_update);
-  m.impl("coalesce_rows", &coalesce_rows);
-  m.impl("id_map_find", &id_map_find);
-  m.impl("id_map_insert_missing", &id_map_insert_missing);
-  m.impl("id_map_rehash", &id_map_rehash);
-  m.impl("id_map_keys_by_row", &id_map_keys_by_row);
+  m.impl("sparse_adam_update", &sparse_adam_update_op);
+  m.impl("coalesce_rows", &coalesce_rows_op);
+  m.impl("id_map_find", &id_map_find_op);
+  m.impl("id_map_insert_missing", &id_map_insert_missing_op);
+  m.impl("id_map_rehash", &id_map_rehash_op);
+  m.impl("id_map_keys_by_row", &id_map_keys_by_row_op);
 }
 
 }  // namespace recis::cuda
