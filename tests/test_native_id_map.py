@@ -68,6 +68,35 @@ def test_many_repeats_with_growth_in_one_call_against_a_dict(map_cls):
     assert id_map.keys_by_row().tolist() == list(reference)
 
 
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_keys_of_rows_reads_back_the_ids_of_any_rows_after_growth_and_repeats(map_cls):
+    id_map = map_cls()
+    reference: dict[int, int] = {}
+    generator = torch.Generator().manual_seed(4)
+    for size in [3, 50, 2000, 9000]:
+        _find_or_insert_with_reference(
+            id_map, reference, torch.randint(-5000, 5000, (size,), generator=generator).tolist()
+        )
+    ids_by_row = list(reference)
+    rows = torch.randint(0, len(id_map), (500,), generator=generator)
+    assert id_map.keys_of_rows(rows).tolist() == [ids_by_row[r] for r in rows.tolist()]
+    with pytest.raises(IndexError):
+        id_map.keys_of_rows(torch.tensor([len(id_map)]))
+
+
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_keys_by_row_is_a_copy_writing_to_it_leaves_the_map_alone(map_cls):
+    id_map = map_cls()
+    id_map.insert_new(_ids([7, 8, 9]))
+    keys = id_map.keys_by_row()
+    keys[0] = 100
+    assert id_map.keys_by_row().tolist() == [7, 8, 9]
+    assert id_map.keys_of_rows(torch.tensor([0])).tolist() == [7]
+    id_map.clear()
+    id_map.insert_new(_ids([1]))
+    assert id_map.keys_by_row().tolist() == [1]
+
+
 def test_native_and_torch_maps_number_rows_identically():
     generator = torch.Generator().manual_seed(3)
     native, reference = NativeIdMap(), IdMap()

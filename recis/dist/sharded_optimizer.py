@@ -206,7 +206,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if pending is None:
             return None
         rows, grads = pending
-        return source.local_ids()[rows], grads
+        return source.ids_of_rows(rows), grads
 
     def _sorted_by_owner(
         self, gradient: tuple[torch.Tensor, torch.Tensor] | None, table: HashTable

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from recis.ops.hashing import mix64
+from recis.ops.row_keys import RowKeys
 
 _MAX_LOAD = 0.5
 _MIN_BUCKETS = 64
@@ -33,6 +34,7 @@ class IdMap:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._size = 0
+        self._row_keys = RowKeys(self.device)
         self._allocate(_MIN_BUCKETS)
 
     def __len__(self) -> int:
@@ -79,6 +81,7 @@ class IdMap:
         if needed > self.bucket_count:
             self._rehash(needed)
         self._place(ids, new_rows)
+        self._row_keys.append(ids)
         self._size += count
         return new_rows
 
@@ -106,14 +109,16 @@ class IdMap:
         return rows, is_new
 
     def keys_by_row(self) -> torch.Tensor:
-        """All ids, ordered by their row."""
-        occupied = self._bucket_rows >= 0
-        ids = torch.empty(self._size, dtype=torch.int64, device=self.device)
-        ids[self._bucket_rows[occupied]] = self._bucket_keys[occupied]
-        return ids
+        """All ids, ordered by their row (a new tensor)."""
+        return self._row_keys.all()
+
+    def keys_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The id held by each of ``rows``; O(len(rows))."""
+        return self._row_keys.of_rows(rows)
 
     def clear(self) -> None:
         self._size = 0
+        self._row_keys = RowKeys(self.device)
         self._allocate(_MIN_BUCKETS)
 
     def _rehash(self, buckets: int) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from recis.ops.id_map import IdMap, bucket_count_for
 from recis.ops.native_library import has_kernels_for
+from recis.ops.row_keys import RowKeys
 
 _MIN_BUCKETS = bucket_count_for(0)
 
@@ -35,6 +36,7 @@ class NativeIdMap:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._size = 0
+        self._row_keys = RowKeys(self.device)
         self._buckets = self._empty_buckets(_MIN_BUCKETS)
 
     def __len__(self) -> int:
@@ -78,12 +80,18 @@ class NativeIdMap:
         if needed > self.bucket_count:
             self._buckets = torch.ops.recis.id_map_rehash(self._buckets, needed)
         is_new, self._size = torch.ops.recis.id_map_insert_missing(self._buckets, ids, rows, self._size)
+        self._row_keys.append(ids[is_new])  # the first occurrences, in order: the new rows' order
         return is_new
 
     def keys_by_row(self) -> torch.Tensor:
-        """All ids, ordered by their row."""
-        return torch.ops.recis.id_map_keys_by_row(self._buckets, self._size)
+        """All ids, ordered by their row (a new tensor)."""
+        return self._row_keys.all()
+
+    def keys_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The id held by each of ``rows``; O(len(rows))."""
+        return self._row_keys.of_rows(rows)
 
     def clear(self) -> None:
         self._size = 0
+        self._row_keys = RowKeys(self.device)
         self._buckets = self._empty_buckets(_MIN_BUCKETS)

@@ -130,6 +130,10 @@ class HashTable(nn.Module):
         """The ids stored in this process, in row order (for a sharded table: the local shard)."""
         return self._id_map.keys_by_row()
 
+    def ids_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The ids stored in local ``rows``; costs O(len(rows)), not O(len(self))."""
+        return self._id_map.keys_of_rows(rows)
+
     def extra_repr(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""
         return f"{label}embedding_shape={list(self._embedding_shape)}, dtype={self._dtype}, rows={len(self)}"
@@ -421,7 +425,7 @@ class HashTable(nn.Module):
     def _pending_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pending gradient as (ids, float32 rows) for a checkpoint, or None."""
         pending = self.pending_grad()
-        return None if pending is None else (self.local_ids()[pending[0]], pending[1])
+        return None if pending is None else (self.ids_of_rows(pending[0]), pending[1])
 
     def _restore_pending(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         self._accept_row_grad(self._id_map.find(ids), grad)
