@@ -213,3 +213,41 @@ def test_a_one_process_table_state_dict_loads_into_shards_each_keeping_what_it_o
     for i, key in enumerate(state["ids"].tolist()):
         for got, field in zip(union[key], ("weight", "slots.exp_avg", "slots.exp_avg_sq")):
             torch.testing.assert_close(got, state[field][i], rtol=0, atol=0)
+
+
+def _replica_loss(table: HashTable, ids: torch.Tensor) -> torch.Tensor:
+    return (table(ids) * torch.linspace(-1, 1, 4)).square().sum()
+
+
+_WARMUP_IDS = torch.tensor([0, 1, 2, 3, 40, 41])
+_RANK_IDS = [torch.tensor([0, 2, 40, 50]), torch.tensor([1, 2, 41, 60])]
+
+
+def _train_replica_then_wrap(rank, world_size):
+    replica = HashTable(4, seed=3, name="r")
+    plain = SparseAdamW([replica], lr=0.05)
+    for _ in range(3):  # every rank trains the same rows alone: replicas stay identical
+        plain.zero_grad()
+        _replica_loss(replica, _WARMUP_IDS).backward()
+        plain.step()
+    optimizer = ShardedOptimizer(plain)
+    for _ in range(2):
+        optimizer.zero_grad()
+        _replica_loss(replica, _RANK_IDS[rank]).backward()
+        optimizer.step()
+    return replica.local_ids(), replica.weight.clone()
+
+
+def test_wrapping_a_trained_replicated_table_keeps_its_slots_at_the_owners():
+    reference = HashTable(4, seed=3)
+    optimizer = SparseAdamW([reference], lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        _replica_loss(reference, _WARMUP_IDS).backward()
+        optimizer.step()
+    for _ in range(2):  # the sharded optimizer averages the ranks' gradients
+        optimizer.zero_grad()
+        (sum(_replica_loss(reference, ids) for ids in _RANK_IDS) / 2).backward()
+        optimizer.step()
+    for ids, weight in run_ranks(2, _train_replica_then_wrap):
+        torch.testing.assert_close(weight, reference.lookup(ids), rtol=0, atol=1e-6)

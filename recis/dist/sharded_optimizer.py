@@ -114,12 +114,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._routes.append(_Route(table, table))
                 continue
             shard = _owner_shard_of(table)
+            self.optimizer._ensure_slots(shard, group)
+            self._take_owned_slots(table, shard)
             group["params"][index] = shard
             if table in self.optimizer.state:
                 self.optimizer.state[shard] = self.optimizer.state.pop(table)
             table.drop_slots()  # slots live at owners only
-            self.optimizer._ensure_slots(shard, group)
             self._routes.append(_Route(table, shard))
+
+    def _take_owned_slots(self, replica: HashTable, shard: HashTable) -> None:
+        """Keep what a replica's slots already learned: the rows this rank owns move into its shard."""
+        names = [name for name in replica.slot_names() if name in shard.slot_names()]
+        if not names or len(replica) == 0:
+            return
+        ids = replica.local_ids()
+        owned = owner_rank(ids, self.world_size) == self.rank
+        slots = {name: replica.slot(name)[owned] for name in names}
+        shard._write_rows(ids[owned], replica.weight[owned], slots)
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
