@@ -11,9 +11,10 @@ TORCH_LIBRARY(recis, m) {
   m.def("row_segments(Tensor rows) -> (Tensor, Tensor, Tensor)");
   m.def("coalesce_rows(Tensor rows, Tensor grads) -> (Tensor, Tensor)");
   m.def("id_map_find(Tensor buckets, Tensor ids) -> Tensor");
-  m.def("id_map_insert_missing(Tensor(a!) buckets, Tensor ids, Tensor(b!) rows, int size) -> (Tensor, int)");
+  m.def(
+      "id_map_insert_missing(Tensor(a!) buckets, Tensor ids, Tensor(b!) rows, Tensor(c!) row_keys, int size) "
+      "-> (Tensor, int)");
   m.def("id_map_rehash(Tensor buckets, int bucket_count) -> Tensor");
-  m.def("id_map_keys_by_row(Tensor buckets, int size) -> Tensor");
   m.def(
       "adamw_tf_multi_tensor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");

@@ -1,6 +1,7 @@
 // The id map on CPU: find (parallel), insertion of the missing ids of a batch (in batch
 // order, so rows are numbered by first appearance; an id repeated in the batch gets the
-// row of its first occurrence), rehash into a larger bucket array, and keys by row.
+// row of its first occurrence; the keys of new rows also go to the map's row_keys), and
+// rehash into a larger bucket array.
 // Layout: common/id_map_layout.h. The caller keeps the load factor <= 1/2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,7 +16,7 @@
 namespace recis::cpu {
 namespace {
 
-constexpr int64_t kPrefetchDistance = 8;  // ids ahead
+constexpr int64_t kPrefetchDistance = 16;  // ids ahead
 
 struct Buckets {
   int64_t* slots;  // (key, row) pairs
@@ -62,11 +63,15 @@ at::Tensor find(const at::Tensor& table, const at::Tensor& ids) {
 }
 
 // Give every id whose row is -1 a row: its existing one if an earlier id of this batch
-// inserted it, else the next new row. Returns is_new (first occurrences) and the new size.
+// inserted it, else the next new row, whose key goes to row_keys[row]. Returns is_new
+// (first occurrences) and the new size.
 std::tuple<at::Tensor, int64_t> insert_missing(at::Tensor table, const at::Tensor& ids, at::Tensor rows,
-                                               int64_t size) {
+                                               at::Tensor row_keys, int64_t size) {
   check_ids(ids);
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == ids.numel(), "bad rows");
+  TORCH_CHECK(row_keys.scalar_type() == at::kLong && row_keys.dim() == 1 && row_keys.is_contiguous(),
+              "row_keys: contiguous 1-D int64");
+  int64_t* keys = row_keys.data_ptr<int64_t>();
   const Buckets buckets = buckets_of(table);
   const int64_t* id = ids.data_ptr<int64_t>();
   int64_t* row = rows.data_ptr<int64_t>();
@@ -77,13 +82,15 @@ std::tuple<at::Tensor, int64_t> insert_missing(at::Tensor table, const at::Tenso
     if (row[i] == kEmptyRow) missing.push_back(i);
   }
   TORCH_CHECK(2 * (size + static_cast<int64_t>(missing.size())) <= buckets.count, "id map would exceed load 1/2");
+  TORCH_CHECK(size + static_cast<int64_t>(missing.size()) <= row_keys.numel(), "row_keys too short for the new rows");
   for (size_t k = 0; k < missing.size(); ++k) {
     if (k + kPrefetchDistance < missing.size()) buckets.prefetch(id[missing[k + kPrefetchDistance]]);
     const int64_t i = missing[k];
     const int64_t b = buckets.probe(id[i]);
     if (buckets.row(b) == kEmptyRow) {
       buckets.slots[2 * b] = id[i];
-      buckets.slots[2 * b + 1] = size++;
+      buckets.slots[2 * b + 1] = size;
+      keys[size++] = id[i];
       fresh[i] = true;
     }
     row[i] = buckets.row(b);
@@ -107,25 +114,12 @@ at::Tensor rehash(const at::Tensor& table, int64_t bucket_count) {
   return grown;
 }
 
-at::Tensor keys_by_row(const at::Tensor& table, int64_t size) {
-  const Buckets buckets = buckets_of(table);
-  at::Tensor keys = at::empty({size}, table.options());
-  int64_t* out = keys.data_ptr<int64_t>();
-  at::parallel_for(0, buckets.count, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if (buckets.row(b) != kEmptyRow) out[buckets.row(b)] = buckets.key(b);
-    }
-  });
-  return keys;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
   m.impl("id_map_find", &find);
   m.impl("id_map_insert_missing", &insert_missing);
   m.impl("id_map_rehash", &rehash);
-  m.impl("id_map_keys_by_row", &keys_by_row);
 }
 
 }  // namespace recis::cpu

@@ -1,11 +1,14 @@
 // torch binding of the CUDA kernels: checks, allocation, and the launch on the current
-// stream with raw pointers (launchers.h). Compiled only when torch has CUDA
+// stream with raw pointers (launchers.h). Linked only when torch has CUDA
 // (RECIS_WITH_CUDA); the CPU kernels register the same operators for the CPU key.
 // Host synchronization happens only where an output's size depends on the data (the
 // number of distinct rows of a coalescing, the new size of the id map).
+//
+// The checks match the CPU operators': a bad argument raises here rather than letting
+// a kernel read or write out of bounds (which would lose the CUDA context).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -23,6 +26,25 @@ void check(cudaError_t status, const char* what) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+void check_on(const char* op, const at::Tensor& anchor, std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device() == anchor.device(), op, ": every tensor must be on ", anchor.device(), ", got ",
+                t->device());
+    TORCH_CHECK(t->is_contiguous(), op, ": tensors must be contiguous");
+  }
+}
+
+void check_int64_vector(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1, op, ": ", name, " must be a 1-D int64 tensor");
+}
+
+void check_buckets(const char* op, const at::Tensor& buckets) {
+  TORCH_CHECK(buckets.scalar_type() == at::kLong && buckets.dim() == 2 && buckets.size(1) == 2, op,
+              ": buckets must be an int64 tensor of shape (bucket_count, 2)");
+  const int64_t count = buckets.size(0);
+  TORCH_CHECK(count > 0 && (count & (count - 1)) == 0, op, ": bucket_count must be a power of two, got ", count);
+}
+
 RowType row_type_of(const at::Tensor& weight) {
   switch (weight.scalar_type()) {
     case at::kFloat: return RowType::kFloat32;
@@ -33,19 +55,29 @@ RowType row_type_of(const at::Tensor& weight) {
 }
 
 void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
-                        const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr, double beta1,
-                        double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon, bool maximize,
-                        int64_t step) {
+                           const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon,
+                           bool maximize, int64_t step) {
+  constexpr const char* op = "CUDA sparse_adam_update";
   const c10::cuda::CUDAGuard guard(weight.device());
+  check_on(op, weight, {&weight, &exp_avg, &exp_avg_sq, &rows, &grad});
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D");
+  TORCH_CHECK(exp_avg.sizes() == weight.sizes() && exp_avg_sq.sizes() == weight.sizes(), op,
+              ": exp_avg and exp_avg_sq must have the shape of weight");
   TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat &&
-                  grad.scalar_type() == at::kFloat, "CUDA sparse_adam_update: float32 slots and gradient");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&weight, &exp_avg, &exp_avg_sq, &rows, &grad}) {
-    TORCH_CHECK(t->is_contiguous() && t->device() == weight.device(), "CUDA sparse_adam_update: contiguous, one device");
+                  grad.scalar_type() == at::kFloat, op, ": float32 slots and gradient");
+  check_int64_vector(op, "rows", rows);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == rows.numel() && grad.size(1) == weight.size(1), op,
+              ": grad must be (len(rows), dim)");
+  int64_t* steps = nullptr;
+  if (row_steps.has_value()) {
+    check_on(op, weight, {&*row_steps});
+    TORCH_CHECK(row_steps->scalar_type() == at::kLong && row_steps->numel() == weight.size(0), op,
+                ": row_steps must be int64, one per row");
+    steps = row_steps->data_ptr<int64_t>();
   }
-  TORCH_CHECK(grad.size(0) == rows.numel() && grad.size(1) == weight.size(1), "grad must be (len(rows), dim)");
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
-  int64_t* steps = row_steps.has_value() ? row_steps->data_ptr<int64_t>() : nullptr;
   check(recis::cuda::sparse_adam_update(weight.data_ptr(), row_type_of(weight), exp_avg.data_ptr<float>(),
                                         exp_avg_sq.data_ptr<float>(), rows.data_ptr<int64_t>(), rows.numel(),
                                         grad.data_ptr<float>(), weight.size(1), steps, hyper, stream()),
@@ -53,9 +85,13 @@ void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp
 }
 
 std::tuple<at::Tensor, at::Tensor> coalesce_rows_op(const at::Tensor& rows_in, const at::Tensor& grads_in) {
+  constexpr const char* op = "CUDA coalesce_rows";
   const c10::cuda::CUDAGuard guard(rows_in.device());
-  TORCH_CHECK(grads_in.scalar_type() == at::kFloat, "CUDA coalesce_rows: float32 gradients");
+  check_int64_vector(op, "rows", rows_in);
+  TORCH_CHECK(grads_in.scalar_type() == at::kFloat, op, ": float32 gradients");
+  TORCH_CHECK(grads_in.dim() == 2 && grads_in.size(0) == rows_in.numel(), op, ": grads must be (len(rows), dim)");
   const at::Tensor rows = rows_in.contiguous(), grads = grads_in.contiguous();
+  check_on(op, rows, {&grads});
   const int64_t n = rows.numel(), dim = grads.size(1);
   const auto longs = rows.options();
   at::Tensor sorted = at::empty({n}, longs), order = at::empty({n}, longs), offsets = at::empty({n + 1}, longs);
@@ -71,11 +107,15 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows_op(const at::Tensor& rows_in, c
   check(coalesce_sum(grads.data_ptr<float>(), dim, order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), unique, n,
                      summed.data_ptr<float>(), stream()),
         "coalesce_sum");
-  return {unique_rows.narrow(0, 0, unique), summed};
+  return {unique_rows.narrow(0, 0, unique).clone(), summed};  // not a view keeping n rows alive
 }
 
 at::Tensor id_map_find_op(const at::Tensor& buckets, const at::Tensor& ids) {
+  constexpr const char* op = "CUDA id_map_find";
   const c10::cuda::CUDAGuard guard(buckets.device());
+  check_buckets(op, buckets);
+  check_int64_vector(op, "ids", ids);
+  check_on(op, buckets, {&buckets, &ids});
   at::Tensor rows = at::empty_like(ids);
   check(recis::cuda::id_map_find(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), ids.numel(),
                                  rows.data_ptr<int64_t>(), stream()),
@@ -84,37 +124,46 @@ at::Tensor id_map_find_op(const at::Tensor& buckets, const at::Tensor& ids) {
 }
 
 std::tuple<at::Tensor, int64_t> id_map_insert_missing_op(at::Tensor buckets, const at::Tensor& ids, at::Tensor rows,
-                                                      int64_t size) {
+                                                         at::Tensor row_keys, int64_t size) {
+  constexpr const char* op = "CUDA id_map_insert_missing";
   const c10::cuda::CUDAGuard guard(buckets.device());
+  check_buckets(op, buckets);
+  check_int64_vector(op, "ids", ids);
+  check_int64_vector(op, "rows", rows);
+  check_int64_vector(op, "row_keys", row_keys);
+  check_on(op, buckets, {&buckets, &ids, &rows, &row_keys});
   const int64_t n = ids.numel();
-  at::Tensor is_new = at::empty({n}, ids.options().dtype(at::kBool));
+  TORCH_CHECK(rows.numel() == n, op, ": one row per id");
+  // row_keys must have room for every id to be new. The caller also keeps the map at
+  // most half full after the insert (as the CPU operator checks); counting the missing
+  // ids here would cost a synchronization, so that stays the caller's promise.
+  TORCH_CHECK(row_keys.numel() >= size + n, op, ": row_keys has ", row_keys.numel(), " entries, needs ", size + n);
+  at::Tensor is_new = at::zeros({n}, ids.options().dtype(at::kBool));
+  if (n == 0) return {is_new, size};
   at::Tensor new_size = at::empty({1}, ids.options());
   const std::size_t bytes = id_map_insert_workspace_bytes(n);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, ids.options().dtype(at::kByte));
   check(recis::cuda::id_map_insert_missing(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), n,
-                                           rows.data_ptr<int64_t>(), is_new.data_ptr<bool>(), size,
-                                           new_size.data_ptr<int64_t>(), workspace.data_ptr(), bytes, stream()),
+                                           rows.data_ptr<int64_t>(), is_new.data_ptr<bool>(),
+                                           row_keys.data_ptr<int64_t>(), size, new_size.data_ptr<int64_t>(),
+                                           workspace.data_ptr(), bytes, stream()),
         "id_map_insert_missing");
   return {is_new, new_size.item<int64_t>()};  // the map's size is host state: one synchronization
 }
 
 at::Tensor id_map_rehash_op(const at::Tensor& buckets, int64_t bucket_count) {
+  constexpr const char* op = "CUDA id_map_rehash";
   const c10::cuda::CUDAGuard guard(buckets.device());
+  check_buckets(op, buckets);
+  check_on(op, buckets, {&buckets});
+  TORCH_CHECK(bucket_count >= buckets.size(0) && (bucket_count & (bucket_count - 1)) == 0, op,
+              ": bucket_count must be a power of two no smaller than the current one, got ", bucket_count);
   at::Tensor grown = at::empty({bucket_count, 2}, buckets.options());
   grown.select(1, 1).fill_(-1);
   check(recis::cuda::id_map_rehash(buckets.data_ptr<int64_t>(), buckets.size(0), grown.data_ptr<int64_t>(),
                                    bucket_count, stream()),
         "id_map_rehash");
   return grown;
-}
-
-at::Tensor id_map_keys_by_row_op(const at::Tensor& buckets, int64_t size) {
-  const c10::cuda::CUDAGuard guard(buckets.device());
-  at::Tensor keys = at::empty({size}, buckets.options());
-  check(recis::cuda::id_map_keys_by_row(buckets.data_ptr<int64_t>(), buckets.size(0), keys.data_ptr<int64_t>(),
-                                        stream()),
-        "id_map_keys_by_row");
-  return keys;
 }
 
 }  // namespace
@@ -125,7 +174,6 @@ TORCH_LIBRARY_IMPL(recis, CUDA, m) {
   m.impl("id_map_find", &id_map_find_op);
   m.impl("id_map_insert_missing", &id_map_insert_missing_op);
   m.impl("id_map_rehash", &id_map_rehash_op);
-  m.impl("id_map_keys_by_row", &id_map_keys_by_row_op);
 }
 
 }  // namespace recis::cuda

@@ -82,8 +82,8 @@ cudaError_t coalesce_group(const int64_t* rows, int64_t n, int64_t* sorted_rows,
                            int64_t* unique_rows, int64_t* unique_count, void* workspace, std::size_t workspace_bytes,
                            cudaStream_t stream) {
   if (n == 0) {
-    cudaMemsetAsync(unique_count, 0, sizeof(int64_t), stream);
-    return cudaMemsetAsync(offsets, 0, sizeof(int64_t), stream);
+    const cudaError_t status = cudaMemsetAsync(unique_count, 0, sizeof(int64_t), stream);
+    return status != cudaSuccess ? status : cudaMemsetAsync(offsets, 0, sizeof(int64_t), stream);
   }
   if (workspace_bytes < coalesce_workspace_bytes(n)) return cudaErrorInvalidValue;
   Workspace w = split(workspace, n);

@@ -77,12 +77,16 @@ __global__ void first_flags(const int64_t* buckets, const int64_t* rows, const i
   if (i < n) first[i] = (rows[i] == kEmptyRow && buckets[2 * slot_of[i] + 1] == pending_mark(i)) ? 1 : 0;
 }
 
-__global__ void publish_rows(int64_t* buckets, const int64_t* first, const int64_t* rank, const int64_t* slot_of,
-                             int64_t n, int64_t size, bool* is_new, int64_t* new_size) {
+__global__ void publish_rows(int64_t* buckets, const int64_t* ids, const int64_t* first, const int64_t* rank,
+                             const int64_t* slot_of, int64_t n, int64_t size, bool* is_new, int64_t* row_keys,
+                             int64_t* new_size) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   is_new[i] = first[i] != 0;
-  if (first[i]) buckets[2 * slot_of[i] + 1] = size + rank[i];
+  if (first[i]) {
+    buckets[2 * slot_of[i] + 1] = size + rank[i];
+    row_keys[size + rank[i]] = ids[i];
+  }
   if (i == n - 1) *new_size = size + rank[i] + first[i];
 }
 
@@ -101,11 +105,6 @@ __global__ void rehash_kernel(const int64_t* buckets, int64_t bucket_count, int6
     to = (to + 1) & (grown_count - 1);
   }
   grown[2 * to] = key;
-}
-
-__global__ void keys_kernel(const int64_t* buckets, int64_t bucket_count, int64_t* keys) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < bucket_count && buckets[2 * b + 1] != kEmptyRow) keys[buckets[2 * b + 1]] = buckets[2 * b];
 }
 
 std::size_t scan_bytes(int64_t n) {
@@ -128,8 +127,8 @@ cudaError_t id_map_find(const int64_t* buckets, int64_t bucket_count, const int6
 std::size_t id_map_insert_workspace_bytes(int64_t n) { return 3 * n * sizeof(int64_t) + scan_bytes(n); }
 
 cudaError_t id_map_insert_missing(int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n,
-                                  int64_t* rows, bool* is_new, int64_t size, int64_t* new_size, void* workspace,
-                                  std::size_t workspace_bytes, cudaStream_t stream) {
+                                  int64_t* rows, bool* is_new, int64_t* row_keys, int64_t size, int64_t* new_size,
+                                  void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   if (n == 0) return cudaMemcpyAsync(new_size, &size, sizeof(int64_t), cudaMemcpyHostToDevice, stream);
   if (workspace_bytes < id_map_insert_workspace_bytes(n)) return cudaErrorInvalidValue;
   auto* slot_of = static_cast<int64_t*>(workspace);
@@ -140,7 +139,8 @@ cudaError_t id_map_insert_missing(int64_t* buckets, int64_t bucket_count, const 
   first_flags<<<blocks_for(n), kThreads, 0, stream>>>(buckets, rows, slot_of, n, first);
   cudaError_t status = cub::DeviceScan::ExclusiveSum(rank + n, temp_bytes, first, rank, n, stream);
   if (status != cudaSuccess) return status;
-  publish_rows<<<blocks_for(n), kThreads, 0, stream>>>(buckets, first, rank, slot_of, n, size, is_new, new_size);
+  publish_rows<<<blocks_for(n), kThreads, 0, stream>>>(buckets, ids, first, rank, slot_of, n, size, is_new, row_keys,
+                                                       new_size);
   read_rows<<<blocks_for(n), kThreads, 0, stream>>>(buckets, slot_of, n, rows);
   return cudaGetLastError();
 }
@@ -148,11 +148,6 @@ cudaError_t id_map_insert_missing(int64_t* buckets, int64_t bucket_count, const 
 cudaError_t id_map_rehash(const int64_t* buckets, int64_t bucket_count, int64_t* grown, int64_t grown_count,
                           cudaStream_t stream) {
   rehash_kernel<<<blocks_for(bucket_count), kThreads, 0, stream>>>(buckets, bucket_count, grown, grown_count);
-  return cudaGetLastError();
-}
-
-cudaError_t id_map_keys_by_row(const int64_t* buckets, int64_t bucket_count, int64_t* keys, cudaStream_t stream) {
-  keys_kernel<<<blocks_for(bucket_count), kThreads, 0, stream>>>(buckets, bucket_count, keys);
   return cudaGetLastError();
 }
 

@@ -34,7 +34,7 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 
 // VEC elements of each array per access: 16 bytes of the row.
 template <typename W, int VEC>
-struct Chunk {
+struct alignas(16) Chunk {
   W w[VEC];
   float m[VEC], v[VEC], g[VEC];
 };

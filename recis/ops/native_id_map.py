@@ -79,8 +79,9 @@ class NativeIdMap:
         needed = bucket_count_for(self._size + missing)
         if needed > self.bucket_count:
             self._buckets = torch.ops.recis.id_map_rehash(self._buckets, needed)
-        is_new, self._size = torch.ops.recis.id_map_insert_missing(self._buckets, ids, rows, self._size)
-        self._row_keys.append(ids[is_new])  # the first occurrences, in order: the new rows' order
+        row_keys = self._row_keys.room_for(self._size + ids.numel())  # the kernel writes the new rows' keys
+        is_new, self._size = torch.ops.recis.id_map_insert_missing(self._buckets, ids, rows, row_keys, self._size)
+        self._row_keys.set_length(self._size)
         return is_new
 
     def keys_by_row(self) -> torch.Tensor:

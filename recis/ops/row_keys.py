@@ -23,12 +23,22 @@ class RowKeys:
     def append(self, ids: torch.Tensor) -> None:
         """Record ``ids`` as the keys of the next ``len(ids)`` rows."""
         end = self._size + ids.numel()
-        if end > self._buffer.numel():
-            grown = torch.empty(max(end, 2 * self._buffer.numel(), 64), dtype=torch.int64, device=self._buffer.device)
+        self.room_for(end)[self._size : end] = ids
+        self._size = end
+
+    def room_for(self, count: int) -> torch.Tensor:
+        """The whole buffer, grown to hold ``count`` keys, for a kernel that writes the keys
+        of new rows itself; ``set_length`` then records how many it wrote."""
+        if count > self._buffer.numel():
+            grown = torch.empty(max(count, 2 * self._buffer.numel(), 64), dtype=torch.int64, device=self._buffer.device)
             grown[: self._size] = self._buffer[: self._size]
             self._buffer = grown
-        self._buffer[self._size : end] = ids
-        self._size = end
+        return self._buffer
+
+    def set_length(self, count: int) -> None:
+        if not self._size <= count <= self._buffer.numel():
+            raise ValueError(f"RowKeys length must be in [{self._size}, {self._buffer.numel()}], got {count}")
+        self._size = count
 
     def of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The ids held by ``rows`` (each in ``0 .. len(self) - 1``)."""
