@@ -7,7 +7,8 @@ table's gradient is kept as pending (row, gradient) pairs for a sparse optimizer
 
 Storage: a 2-D ``weight`` of ``len(table)`` rows of ``embedding_dim`` elements, in
 insertion order, plus the optimizer slots (one 2-D tensor per slot name, same rows).
-Rows and slots live in buffers with spare capacity that double when full.
+Rows and slots live in buffers with spare capacity that double when full, on
+transparent huge pages where Linux allows (``recis.ops.huge_pages``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from recis.nn.functional import GradReceiver, row_lookup
 from recis.nn.initializers import Initializer, default_initializer
 from recis.ops import IdMap, coalesce_rows
+from recis.ops.huge_pages import empty_rows, zero_rows
 
 _SLOT_PREFIX = "slots."
 _PENDING_IDS = "pending_grad.ids"
@@ -150,7 +152,7 @@ class HashTable(nn.Module):
             self._move_to(probe.device)
         if probe.dtype != self._dtype and probe.dtype.is_floating_point:
             self._dtype = probe.dtype
-            self._weight = self._weight.to(probe.dtype)
+            self._weight = self._stored(self._weight, probe.dtype)
         return super()._apply(fn, recurse)
 
     def _move_to(self, device: torch.device) -> None:
@@ -158,8 +160,8 @@ class HashTable(nn.Module):
         self._device = device
         self._id_map = IdMap(device)
         self._id_map.insert_new(ids)
-        self._weight = self._weight[: len(ids)].to(device)
-        self._slots = {name: slot[: len(ids)].to(device) for name, slot in self._slots.items()}
+        self._weight = self._stored(self._weight[: len(ids)], self._dtype)
+        self._slots = {name: self._stored(slot[: len(ids)], slot.dtype) for name, slot in self._slots.items()}
         self._pending = [
             tuple(part.to(device) if isinstance(part, torch.Tensor) else part for part in entry)
             for entry in self._pending
@@ -296,9 +298,16 @@ class HashTable(nn.Module):
         self._slots = {name: self._grown(slot, new_capacity) for name, slot in self._slots.items()}
 
     def _grown(self, storage: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = torch.zeros((capacity, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
+        grown = empty_rows((capacity, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
         grown[: len(self)] = storage[: len(self)]
+        grown[len(self) :].zero_()
         return grown
+
+    def _stored(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A new row store on this table's device holding ``values`` as ``dtype``."""
+        storage = empty_rows(tuple(values.shape), dtype=dtype, device=self._device)
+        storage.copy_(values)
+        return storage
 
     # ------------------------------------------------------------------ optimizer slots
     def check_slot(self, name: str, width: int, dtype: torch.dtype) -> None:
@@ -315,7 +324,7 @@ class HashTable(nn.Module):
         self.check_slot(name, width, dtype)
         if name in self._slots:
             return self.slot(name)
-        self._slots[name] = torch.zeros((self._weight.shape[0], width), dtype=dtype, device=self._device)
+        self._slots[name] = zero_rows((self._weight.shape[0], width), dtype=dtype, device=self._device)
         return self.slot(name)
 
     def slot(self, name: str) -> torch.Tensor:
@@ -460,14 +469,14 @@ class HashTable(nn.Module):
         self._generation += 1
         self._id_map.clear()
         self._id_map.insert_new(ids.to(self._device))
-        self._weight = weight.reshape(count, self.embedding_dim).to(device=self._device, dtype=self._dtype).clone()
+        self._weight = self._stored(weight.reshape(count, self.embedding_dim), self._dtype)
         restored = {}
         for name, value in slots.items():
             dtype = self._slots[name].dtype if name in self._slots else value.dtype
-            restored[name] = value.to(device=self._device, dtype=dtype).clone()
+            restored[name] = self._stored(value, dtype)
         for name, slot in self._slots.items():  # registered slots absent from the state start at zero
             if name not in restored:
-                restored[name] = torch.zeros((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
+                restored[name] = zero_rows((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
         self._slots = restored
         self._pending = []
 
