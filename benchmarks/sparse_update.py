@@ -5,9 +5,12 @@
 Setting: 2 threads, float32, rows of dim 64, batches of 65,536 random int64 ids. Each
 figure is the median of repeated runs after warm-up. Cases:
   floor            a kernel (csrc/cpu/memory_floor.cpp) that only reads and writes the
-                   touched rows of weight, exp_avg and exp_avg_sq once
-  adamw-step       recis SparseAdamW.step() on a 1M-row HashTable (native and torch kernels)
-  torch-sparseadam torch.optim.SparseAdam.step() on nn.Embedding(sparse=True)
+                   touched rows of weight, exp_avg and exp_avg_sq once; for the step, run
+                   on the table's own weight and slots, over the rows the step updates
+  adamw-step       recis SparseAdamW.step() on a 1M-row HashTable (native and torch
+                   kernels; native also with RECIS_HUGE_PAGES=0, on 4 KiB pages)
+  torch-sparseadam torch.optim.SparseAdam.step() on nn.Embedding(sparse=True), as torch
+                   allocates, and with THP_MEM_ALLOC_ENABLE=1 (torch on huge pages)
   train-step       find-or-insert, gather, backward, SparseAdamW update (recis), against
                    FBGEMM's CPU fused backward+update with EXACT_ROWWISE_ADAGRAD on a
                    fixed 1M-row table (forward + backward), same ids
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 DIM = 64
@@ -37,15 +41,24 @@ THREADS = 2
 
 def median_ms(run: Callable[[], None], prepare: Callable[[], None] | None = None, repeats: int = 15) -> float:
     """Median wall time of ``run`` in ms, after 3 warm-ups; ``prepare`` runs untimed before each."""
-    times = []
+    return interleaved_medians_ms({"run": (prepare, run)}, repeats)["run"]
+
+
+def interleaved_medians_ms(cases: dict[str, tuple[Callable[[], None] | None, Callable[[], None]]],
+                           repeats: int = 15) -> dict[str, float]:  # fmt: skip
+    """Median wall time in ms of each case's run, the cases timed in turns after 3 warm-up
+    rounds, so that a drift of the machine (this VM's memory bandwidth and shared L3 vary)
+    hits all of them alike. A case is ``(prepare, run)``; ``prepare`` runs untimed first."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for index in range(repeats + 3):
-        if prepare is not None:
-            prepare()
-        start = time.perf_counter()
-        run()
-        if index >= 3:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, (prepare, run) in cases.items():
+            if prepare is not None:
+                prepare()
+            start = time.perf_counter()
+            run()
+            if index >= 3:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def floor_bytes(touched: int) -> int:
@@ -71,9 +84,12 @@ def _filled_table(generator):
     return table, vocabulary
 
 
-def worker_adamw_step(repeats: int) -> dict:
+def worker_adamw_step(repeats: int, peers: bool) -> dict:
+    """SparseAdamW.step and train steps; with ``peers``, timed in turns with the floor,
+    torch.optim.SparseAdam and FBGEMM in this one process."""
     import torch
 
+    from recis.ops import BACKEND
     from recis.optim import SparseAdamW
 
     generator = torch.Generator().manual_seed(0)
@@ -81,20 +97,18 @@ def worker_adamw_step(repeats: int) -> dict:
     optimizer = SparseAdamW([table], lr=1e-3)
     batch = vocabulary[torch.randint(0, vocabulary.numel(), (BATCH,), generator=generator)]
 
-    def prepare() -> None:
+    def forward_backward() -> None:
         optimizer.zero_grad()
         table(batch).sum().backward()
 
-    touched = int(batch.unique().numel())
-    step_ms = median_ms(optimizer.step, prepare, repeats)
-
-    def train_step() -> None:
-        optimizer.zero_grad()
-        table(_random_batch()).square().sum().backward()
-        optimizer.step()
+    step_cases = {"step_ms": (forward_backward, optimizer.step)}
+    if BACKEND == "native":  # the floor after the same forward and backward
+        step_cases["floor_ms"] = (forward_backward, _floor_on_own_memory(table, batch))
+    if peers:
+        step_cases["sparse_adam_ms"] = _torch_sparse_adam_case(generator)
+    results = {"touched": int(batch.unique().numel()), **interleaved_medians_ms(step_cases, repeats)}
 
     stream = torch.Generator().manual_seed(1)
-
     mixed = [0.0]  # first the table's own ids (a fixed vocabulary, as FBGEMM's table)
 
     def _random_batch():
@@ -104,10 +118,25 @@ def worker_adamw_step(repeats: int) -> dict:
             _random_ids(stream, BATCH),
         )
 
-    fixed_ms = median_ms(train_step, None, repeats)
+    def train_step() -> None:
+        optimizer.zero_grad()
+        table(_random_batch()).square().sum().backward()
+        optimizer.step()
+
+    train_cases = {"train_ms": (None, train_step), **(_fbgemm_cases() if peers else {})}
+    results.update(interleaved_medians_ms(train_cases, repeats))
     mixed[0] = 0.5  # then arbitrary int64 ids: about half new to the table, inserted and initialized
-    new_ms = median_ms(train_step, None, repeats)
-    return {"step_ms": step_ms, "touched": touched, "train_ms": fixed_ms, "train_new_ms": new_ms}
+    results["train_new_ms"] = median_ms(train_step, None, repeats)
+    return results
+
+
+def _floor_on_own_memory(table, batch) -> Callable[[], None]:
+    """The floor on the table's own weight and slots, over the rows the step updates, in its order."""
+    import torch
+
+    step_rows = table._id_map.find(batch.unique())
+    own_tables = (table.weight, table.slot("exp_avg"), table.slot("exp_avg_sq"))
+    return lambda: torch.ops.recis.memory_floor(*own_tables, step_rows, 1.0)
 
 
 def worker_id_map(repeats: int) -> dict:
@@ -134,6 +163,7 @@ def worker_native_kernels(repeats: int, quick: bool) -> dict:
     """Floor and native update kernel against touched rows and table size (raw tensors)."""
     import torch
 
+    from recis.ops.huge_pages import empty_rows
     from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
 
     hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decay=WeightDecay.DECOUPLED,
@@ -143,8 +173,9 @@ def worker_native_kernels(repeats: int, quick: bool) -> dict:
     results = []
     generator = torch.Generator().manual_seed(3)
     for table_rows in table_sizes:
-        # torch.empty maps pages lazily: only the touched rows' pages become resident.
-        tables = [torch.empty(table_rows, DIM) for _ in range(3)]  # weight, exp_avg, exp_avg_sq
+        # Allocated as HashTable allocates (huge pages where allowed); pages are mapped
+        # lazily, so only the touched rows' pages become resident.
+        tables = [empty_rows((table_rows, DIM), dtype=torch.float32, device="cpu") for _ in range(3)]
         for batch in batches if table_rows == TABLE_ROWS else [BATCH]:
             rows = torch.randint(0, table_rows, (batch,), generator=generator).unique()
             rows = rows[torch.randperm(rows.numel(), generator=generator)]
@@ -168,41 +199,44 @@ def _time_kernels(tables, rows, generator, repeats: int, hyper: dict) -> dict:
         step[0] += 1
         native_kernels.sparse_adam_update(*tables, rows, grad, step=step[0], **hyper)
 
-    return {
-        "touched": int(rows.numel()),
-        "floor_ms": median_ms(lambda: torch.ops.recis.memory_floor(*tables, rows, 1.0), None, repeats),
-        "update_ms": median_ms(update, None, repeats),
-    }
+    floor = partial(torch.ops.recis.memory_floor, *tables, rows, 1.0)
+    medians = interleaved_medians_ms({"floor_ms": (None, floor), "update_ms": (None, update)}, repeats)
+    return {"touched": int(rows.numel()), **medians}
 
 
-def worker_torch_sparse_adam(repeats: int) -> dict:
+def _torch_sparse_adam_case(generator) -> tuple[Callable[[], None], Callable[[], None]]:
+    """torch.optim.SparseAdam.step() on nn.Embedding(sparse=True), the batch's ids: (prepare, run)."""
     import torch
 
-    generator = torch.Generator().manual_seed(0)
     embedding = torch.nn.Embedding(TABLE_ROWS, DIM, sparse=True)
     optimizer = torch.optim.SparseAdam(embedding.parameters(), lr=1e-3)
     ids = torch.randint(0, TABLE_ROWS, (BATCH,), generator=generator)
 
-    def prepare() -> None:
+    def forward_backward() -> None:
         optimizer.zero_grad()
         embedding(ids).sum().backward()
 
-    return {"step_ms": median_ms(optimizer.step, prepare, repeats), "touched": int(ids.unique().numel())}
+    return forward_backward, optimizer.step
 
 
-def worker_fbgemm(repeats: int) -> dict:
+def _fbgemm_cases() -> dict[str, tuple[None, Callable[[], None]]]:
+    """FBGEMM's CPU forward + fused backward/update on a fixed 1M-row table; {} without fbgemm_gpu."""
     import torch
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice,
-        SplitTableBatchedEmbeddingBagsCodegen,
-    )
 
-    results = {}
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except ImportError:
+        print("fbgemm_gpu not installed: no FBGEMM rows (see benchmarks/requirements.txt)", file=sys.stderr)
+        return {}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, TABLE_ROWS, (BATCH,), generator=generator)
     offsets = torch.arange(BATCH + 1, dtype=torch.int64)  # one id per bag
+    cases = {}
     for name, optimizer in (("rowwise_adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD),
                             ("adagrad", EmbOptimType.EXACT_ADAGRAD)):  # fmt: skip
         tables = SplitTableBatchedEmbeddingBagsCodegen(
@@ -215,21 +249,20 @@ def worker_fbgemm(repeats: int) -> dict:
         def train_step(tables=tables) -> None:
             tables(ids, offsets).square().sum().backward()  # backward runs the fused update
 
-        results[name + "_ms"] = median_ms(train_step, None, repeats)
-    return results
+        cases[f"fbgemm_{name}_ms"] = (None, train_step)
+    return cases
 
 
 WORKERS = {
-    "adamw_step": lambda args: worker_adamw_step(args.repeats),
+    "adamw_step": lambda args: worker_adamw_step(args.repeats, peers=False),
+    "adamw_step_with_peers": lambda args: worker_adamw_step(args.repeats, peers=True),
     "id_map": lambda args: worker_id_map(args.repeats),
     "native_kernels": lambda args: worker_native_kernels(args.repeats, args.quick),
-    "torch_sparse_adam": lambda args: worker_torch_sparse_adam(args.repeats),
-    "fbgemm": lambda args: worker_fbgemm(args.repeats),
 }
 
 
-def run_worker(name: str, backend: str, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "RECIS_BACKEND": backend, "OMP_NUM_THREADS": str(THREADS)}
+def run_worker(name: str, backend: str, args: argparse.Namespace, **extra_env: str) -> dict:
+    env = {**os.environ, "RECIS_BACKEND": backend, "OMP_NUM_THREADS": str(THREADS), **extra_env}
     command = [sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats)]
     if args.quick:
         command.append("--quick")
@@ -246,45 +279,72 @@ def gbps(touched: int, ms: float) -> float:
 
 
 def report(results: dict) -> list[list[str]]:
-    floor = next(r for r in results["native_kernels"]["scaling"] if r["table_rows"] == TABLE_ROWS and r["ids"] == BATCH)
-    floor_ms, touched = floor["floor_ms"], floor["touched"]
     native, reference = results["adamw_step/native"], results["adamw_step/torch"]
-    sparse_adam = results.get("torch_sparse_adam", {}).get("step_ms")
-    fbgemm = results.get("fbgemm", {})
+    floor_ms, touched = native["floor_ms"], native["touched"]  # the floor on the table's own memory
+    small_pages, thp = (
+        results.get("adamw_step/native, 4 KiB pages", {}),
+        results.get("adamw_step/native, torch THP", {}),
+    )
     rows = [["case", "backend", "table rows", "touched rows", "median ms", "eff. GB/s", "x floor", "vs peers"]]
 
-    def add(case, backend, ms, peers="", table_rows=TABLE_ROWS, touched_rows=touched):
+    def add(case, backend, ms, peers="", table_rows=TABLE_ROWS, touched_rows=touched, floor=floor_ms):
         rows.append([case, backend, f"{table_rows:,}", f"{touched_rows:,}", f"{ms:.2f}",
-                     f"{gbps(touched_rows, ms):.1f}", f"{ms / floor_ms:.2f}", peers])  # fmt: skip
+                     f"{gbps(touched_rows, ms):.1f}", f"{ms / floor:.2f}", peers])  # fmt: skip
 
-    add("memory floor", "native", floor_ms)
+    def faster(peer_ms, ms, what):
+        return f"{peer_ms / ms:.2f}x faster than {what}"
+
+    add("memory floor (table's own memory)", "native", floor_ms)
+    step = native["step_ms"]
     add(
         "SparseAdamW.step",
         "native",
-        native["step_ms"],
-        f"{reference['step_ms'] / native['step_ms']:.1f}x faster than torch kernels; "
-        + (f"{sparse_adam / native['step_ms']:.1f}x faster than torch SparseAdam" if sparse_adam else ""),
+        step,
+        f"{faster(reference['step_ms'], step, 'torch kernels')}; "
+        f"{faster(native['sparse_adam_ms'], step, 'SparseAdam')}",
     )
     add("SparseAdamW.step", "torch", reference["step_ms"])
-    if sparse_adam:
-        add("torch.optim.SparseAdam.step", "torch", sparse_adam, touched_rows=results["torch_sparse_adam"]["touched"])
+    add("torch.optim.SparseAdam.step (nn.Embedding)", "torch", native["sparse_adam_ms"])
+    if small_pages:
+        add("memory floor, RECIS_HUGE_PAGES=0", "native", small_pages["floor_ms"], floor=small_pages["floor_ms"])
+        add(
+            "SparseAdamW.step, RECIS_HUGE_PAGES=0",
+            "native",
+            small_pages["step_ms"],
+            faster(small_pages["sparse_adam_ms"], small_pages["step_ms"], "SparseAdam"),
+            floor=small_pages["floor_ms"],
+        )
+    if thp:
+        add(
+            "torch.optim.SparseAdam.step, THP_MEM_ALLOC_ENABLE=1",
+            "torch",
+            thp["sparse_adam_ms"],
+            f"recis step {faster(thp['sparse_adam_ms'], thp['step_ms'], 'it')}",
+            floor=thp["floor_ms"],
+        )
+    fbgemm = native.get("fbgemm_rowwise_adagrad_ms")
     add(
         "train step (insert+fwd+bwd+AdamW)",
         "native",
         native["train_ms"],
-        (f"{fbgemm['rowwise_adagrad_ms'] / native['train_ms']:.2f}x FBGEMM rowwise-Adagrad speed" if fbgemm else ""),
+        faster(fbgemm, native["train_ms"], "FBGEMM rowwise Adagrad") if fbgemm else "",
     )
     add("train step (insert+fwd+bwd+AdamW)", "torch", reference["train_ms"])
     add("train step, half the ids new", "native", native["train_new_ms"])
     add("train step, half the ids new", "torch", reference["train_new_ms"])
     for name in ("rowwise_adagrad", "adagrad"):
-        if fbgemm:
-            add(f"FBGEMM fwd+bwd {name}", "fbgemm", fbgemm[f"{name}_ms"])
+        if f"fbgemm_{name}_ms" in native:
+            add(f"FBGEMM fwd+bwd {name}", "fbgemm", native[f"fbgemm_{name}_ms"])
     for entry in results["native_kernels"]["scaling"]:
-        ms = entry["update_ms"]
-        rows.append([f"update kernel ({entry['ids']:,} ids)", "native", f"{entry['table_rows']:,}",
-                     f"{entry['touched']:,}", f"{ms:.2f}", f"{gbps(entry['touched'], ms):.1f}",
-                     f"{ms / entry['floor_ms']:.2f}", f"floor {entry['floor_ms']:.2f} ms"])  # fmt: skip
+        add(
+            f"update kernel ({entry['ids']:,} ids)",
+            "native",
+            entry["update_ms"],
+            f"floor {entry['floor_ms']:.2f} ms",
+            table_rows=entry["table_rows"],
+            touched_rows=entry["touched"],
+            floor=entry["floor_ms"],
+        )
     for backend in ("native", "torch"):
         ms = results[f"id_map/{backend}"]["find_or_insert_ms"]
         rows.append(["id map find-or-insert (half new)", backend, "1,000,000", f"{BATCH:,}", f"{ms:.2f}", "", "", ""])
@@ -339,12 +399,12 @@ def main() -> None:
         return
     results = {
         "native_kernels": run_worker("native_kernels", "native", args),
-        "adamw_step/native": run_worker("adamw_step", "native", args),
+        "adamw_step/native": run_worker("adamw_step_with_peers", "native", args),
         "adamw_step/torch": run_worker("adamw_step", "torch", args),
+        "adamw_step/native, 4 KiB pages": run_worker("adamw_step_with_peers", "native", args, RECIS_HUGE_PAGES="0"),
+        "adamw_step/native, torch THP": run_worker("adamw_step_with_peers", "native", args, THP_MEM_ALLOC_ENABLE="1"),
         "id_map/native": run_worker("id_map", "native", args),
         "id_map/torch": run_worker("id_map", "torch", args),
-        "torch_sparse_adam": run_worker("torch_sparse_adam", "torch", args),
-        "fbgemm": run_worker("fbgemm", "torch", args),
     }
     print_table(report(results))
     plot(results, args.plot)
