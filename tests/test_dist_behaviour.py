@@ -251,3 +251,58 @@ def test_wrapping_a_trained_replicated_table_keeps_its_slots_at_the_owners():
         optimizer.step()
     for ids, weight in run_ranks(2, _train_replica_then_wrap):
         torch.testing.assert_close(weight, reference.lookup(ids), rtol=0, atol=1e-6)
+
+
+def _replicas_trained_on_different_rows(rank, world_size):
+    replica = HashTable(4, seed=3, name="r")
+    plain = SparseAdamW([replica], lr=0.05)
+    plain.zero_grad()
+    _replica_loss(replica, _RANK_IDS[rank]).backward()  # each rank alone, on its own rows
+    plain.step()
+    ShardedOptimizer(plain)
+
+
+def test_replicas_whose_trained_rows_differ_across_ranks_are_refused_naming_the_table():
+    outcomes = run_ranks_outcomes(2, _replicas_trained_on_different_rows, deadline_s=60)
+    for outcome in outcomes:
+        assert "ConfigMismatchError" in outcome["error"]
+        assert "tables[0].trained" in outcome["error"]
+
+
+def _wrapping_that_fails_midway(rank, world_size):
+    trained, preloaded = HashTable(4, seed=1, name="trained"), HashTable(4, seed=2, name="preloaded")
+    preloaded.assign(torch.arange(50), torch.ones(50, 4))
+    plain = SparseAdamW([trained, preloaded], lr=0.05)
+    plain.zero_grad()
+    _replica_loss(trained, _WARMUP_IDS).backward()
+    plain.step()
+    exp_avg_before, state_before = trained.slot("exp_avg").clone(), set(plain.state)
+
+    def out_of_memory(self, replica, group):
+        raise MemoryError(f"no room for the shard of {replica.name}")
+
+    real = ShardedOptimizer._owner_shard_for
+    ShardedOptimizer._owner_shard_for = lambda self, replica, group: (
+        out_of_memory(self, replica, group) if replica is preloaded else real(self, replica, group)
+    )
+    try:
+        ShardedOptimizer(plain)
+    except MemoryError:
+        pass
+    finally:
+        ShardedOptimizer._owner_shard_for = real
+    unchanged = (
+        plain.param_groups[0]["params"] == [trained, preloaded],
+        set(plain.state) == state_before,
+        torch.equal(trained.slot("exp_avg"), exp_avg_before),
+    )
+    wrapped = ShardedOptimizer(plain)
+    shards = wrapped.owner_shards()
+    return unchanged, len(shards[id(trained)]), len(shards[id(preloaded)])
+
+
+def test_a_wrap_that_fails_midway_changes_nothing_and_untrained_rows_are_not_copied():
+    ((unchanged, trained_rows, preloaded_rows),) = run_ranks(1, _wrapping_that_fails_midway)
+    assert unchanged == (True, True, True), "a failed wrap left tables swapped, state moved or slots dropped"
+    assert trained_rows == len(_WARMUP_IDS), "the trained rows moved into the owner shard"
+    assert preloaded_rows == 0, "rows no optimizer step touched stay out of the shard"

@@ -15,7 +15,9 @@ Two kinds of table are handled:
 - plain ``HashTable`` (drop-in mode): every rank holds a full replica of the rows, but
   the optimizer slots of a row live only at its owner, in an owner-side shard that
   the wrapped optimizer updates; slot memory is divided by the world size, and the
-  replicas stay identical because updated rows are broadcast after each update.
+  replicas stay identical because updated rows are broadcast after each update. A
+  replica an optimizer already trained hands each owner the trained rows it owns; the
+  ranks must agree on which rows those are (checked at construction).
 
 A table that received a gradient on any rank counts a step on every rank, so per-table
 step counts agree everywhere and equal those of one process seeing the whole batch.
@@ -36,6 +38,7 @@ from recis.dist.exchange import all_gather_rows, all_to_all_rows, group_size_and
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.nn.modules.hashtable import HashTable
+from recis.ops import mix64
 from recis.optim.sparse_optimizer import SparseOptimizer
 
 _TORCH_HOOK_REGISTRIES = (
@@ -76,6 +79,14 @@ def _owner_shard_of(replica: HashTable) -> HashTable:
     )
 
 
+def _trained_rows(table: HashTable) -> torch.Tensor:
+    """Which rows hold optimizer state (a nonzero slot); the others equal fresh rows' slots."""
+    trained = torch.zeros(len(table), dtype=torch.bool, device=table.device)
+    for name in table.slot_names():
+        trained |= table.slot(name).ne(0).any(dim=1)
+    return trained
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Drop-in wrapper of a recis sparse optimizer for multi-rank training (see module docstring).
 
@@ -104,33 +115,41 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._route_group(group)
 
     def _route_group(self, group: dict[str, Any]) -> None:
-        """Route every table of ``group``; replicated tables are replaced by their owner shards."""
-        for index, table in enumerate(group["params"]):
-            if isinstance(table, ShardedHashTable):
-                if table.world_size != self.world_size:
-                    raise ValueError(
-                        f"{table.describe()} spans {table.world_size} ranks, the optimizer {self.world_size}"
-                    )
-                self._routes.append(_Route(table, table))
-                continue
-            shard = _owner_shard_of(table)
-            self.optimizer._ensure_slots(shard, group)
-            self._take_owned_slots(table, shard)
-            group["params"][index] = shard
-            if table in self.optimizer.state:
-                self.optimizer.state[shard] = self.optimizer.state.pop(table)
-            table.drop_slots()  # slots live at owners only
-            self._routes.append(_Route(table, shard))
+        """Route every table of ``group``; replicated tables are replaced by their owner shards.
 
-    def _take_owned_slots(self, replica: HashTable, shard: HashTable) -> None:
-        """Keep what a replica's slots already learned: the rows this rank owns move into its shard."""
+        Everything that can fail (checks, the shards' allocations) happens before anything changes.
+        """
+        routes = []
+        for index, table in enumerate(group["params"]):
+            if not isinstance(table, ShardedHashTable):
+                routes.append((index, _Route(table, self._owner_shard_for(table, group))))
+            elif table.world_size == self.world_size:
+                routes.append((index, _Route(table, table)))
+            else:
+                raise ValueError(f"{table.describe()} spans {table.world_size} ranks, the optimizer {self.world_size}")
+        for index, route in routes:
+            if route.replicated:
+                self._swap_in_shard(group, index, route)
+            self._routes.append(route)
+
+    def _owner_shard_for(self, replica: HashTable, group: dict[str, Any]) -> HashTable:
+        """A new owner-side shard holding the optimizer's slots. Rows this rank owns whose
+        slots the replica already trained move into it; untrained rows start there on demand."""
+        shard = _owner_shard_of(replica)
+        self.optimizer._ensure_slots(shard, group)
         names = [name for name in replica.slot_names() if name in shard.slot_names()]
         if not names or len(replica) == 0:
-            return
+            return shard
         ids = replica.local_ids()
-        owned = owner_rank(ids, self.world_size) == self.rank
-        slots = {name: replica.slot(name)[owned] for name in names}
-        shard._write_rows(ids[owned], replica.weight[owned], slots)
+        keep = _trained_rows(replica) & (owner_rank(ids, self.world_size) == self.rank)
+        shard._write_rows(ids[keep], replica.weight[keep], {name: replica.slot(name)[keep] for name in names})
+        return shard
+
+    def _swap_in_shard(self, group: dict[str, Any], index: int, route: _Route) -> None:
+        group["params"][index] = route.target
+        if route.source in self.optimizer.state:
+            self.optimizer.state[route.target] = self.optimizer.state.pop(route.source)
+        route.source.drop_slots()  # slots live at owners only
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -147,6 +166,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             kind = "sharded" if isinstance(table, ShardedHashTable) else "replicated"
             config[f"tables[{t}]"] = f"{kind} {table.name!r} shape={list(table.embedding_shape)} {table.dtype}"
             config[f"tables[{t}].seed"] = table.seed
+            if kind == "replicated":  # what the replicas' slots learned must agree, or some would be lost
+                trained_ids = table.local_ids()[_trained_rows(table)]
+                config[f"tables[{t}].trained_rows"] = trained_ids.numel()
+                config[f"tables[{t}].trained_ids_digest"] = int(mix64(trained_ids).sum())
         return config
 
     def owner_shards(self) -> dict[int, HashTable]:
