@@ -625,3 +625,15 @@ def test_twenty_thousand_inserts_in_batches_keep_every_row_correct():
     ids = _ids(expected)
     torch.testing.assert_close(table.lookup(ids), torch.stack(list(expected.values())), rtol=0, atol=0)
     torch.testing.assert_close(table.weight, table.lookup(table.ids()), rtol=0, atol=0)
+
+
+def test_a_table_grown_under_inference_mode_still_trains_and_grows_afterwards():
+    table = HashTable(4)
+    with torch.inference_mode():
+        table.assign(torch.arange(5000), torch.ones(5000, 4))  # grows rows and the id map
+    optimizer = SparseAdam([table], lr=0.1)
+    table(torch.tensor([1, 6000, 7000])).sum().backward()  # new ids: rows and map grow again
+    optimizer.step()
+    table.assign(torch.arange(10_000, 30_000), torch.zeros(20_000, 4))
+    assert len(table) == 25_002
+    assert bool((table.lookup(torch.tensor([1])) < 1).all()), "the trained row moved"

@@ -49,6 +49,17 @@ def test_a_table_grown_past_a_few_huge_pages_keeps_its_rows_on_them():
     torch.testing.assert_close(table.lookup(torch.tensor([0, 299_999])), torch.ones(2, 32))
 
 
+def test_views_reaching_past_their_storage_are_left_alone():
+    assert advise_huge_pages(torch.empty(1).expand(1 << 24)) is False  # 64 MiB of view over 4 bytes
+    assert advise_huge_pages(torch.empty(1 << 22, 2)[:, 0]) is False  # strided
+
+
+@thp_available
+def test_an_offset_view_is_advised_only_inside_its_storage():
+    storage = torch.empty(3 * HUGE_PAGE_BYTES // 4)
+    assert advise_huge_pages(storage[HUGE_PAGE_BYTES // 8 :]) is True  # ends where the storage ends
+
+
 def test_small_and_non_cpu_tensors_are_left_alone():
     assert advise_huge_pages(torch.empty(100)) is False
     assert advise_huge_pages(torch.empty(0)) is False

@@ -93,6 +93,7 @@ def test_cuda_binding_compiles_against_torch_cuda_headers(binding_object):
     assert binding_object.stat().st_size > 0
 
 
+@needs_nvcc
 @needs_toolkit
 def test_binding_calls_only_launchers_the_cu_objects_define(binding_object, cuda_objects):
     called = _recis_symbols(binding_object, defined=False)

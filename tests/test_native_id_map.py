@@ -8,6 +8,7 @@ from native_support import require_native
 
 from recis.ops.id_map import IdMap
 from recis.ops.native_id_map import NativeIdMap
+from recis.ops.row_keys import RowKeys
 
 require_native()
 
@@ -129,3 +130,23 @@ def test_clear_and_empty_batches():
     id_map.clear()
     assert len(id_map) == 0 and id_map.find(_ids([1, 2])).tolist() == [-1, -1]
     assert id_map.find_or_insert(_ids([2, 1, 2]))[0].tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_an_insert_that_fails_for_memory_changes_nothing(map_cls, monkeypatch):
+    id_map = map_cls()
+    id_map.insert_new(_ids(range(100)))
+
+    def no_memory(self, count):
+        raise MemoryError("no room for the row keys")
+
+    monkeypatch.setattr(RowKeys, "room_for", no_memory)
+    with pytest.raises(MemoryError):
+        id_map.find_or_insert(_ids([5, 1000, 1001]))
+    with pytest.raises(MemoryError):
+        id_map.insert_new(_ids([2000]))
+    monkeypatch.undo()
+    assert len(id_map) == 100
+    assert id_map.find(_ids([1000, 1001, 2000, 5])).tolist() == [-1, -1, -1, 5]
+    assert id_map.find_or_insert(_ids([1001, 5]))[0].tolist() == [100, 5]
+    assert id_map.keys_by_row().tolist() == [*range(100), 1001]

@@ -44,17 +44,23 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     Pages already written keep their size (the kernel may merge them later), so call it
     on a tensor from ``torch.empty`` before filling it, as ``empty_rows`` does.
     """
-    if _madvise is None or tensor.device.type != "cpu":
+    if _madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return False
-    start = tensor.data_ptr()
+    storage = tensor.untyped_storage()  # the range never leaves the tensor's own allocation
+    start = max(tensor.data_ptr(), storage.data_ptr())
+    stop = min(tensor.data_ptr() + tensor.numel() * tensor.element_size(), storage.data_ptr() + storage.nbytes())
     first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    end = (start + tensor.numel() * tensor.element_size()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    end = stop // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     return end > first and _madvise(first, end - first, _MADV_HUGEPAGE) == 0
 
 
 def empty_rows(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty(shape)``, on huge pages where that is possible and the tensor is large enough."""
-    storage = torch.empty(shape, dtype=dtype, device=device)
+    """``torch.empty(shape)``, on huge pages where that is possible and the tensor is large enough.
+
+    Never an inference tensor: a table outlives any ``torch.inference_mode`` block it grows in.
+    """
+    with torch.inference_mode(False):
+        storage = torch.empty(shape, dtype=dtype, device=device)
     advise_huge_pages(storage)
     return storage
 

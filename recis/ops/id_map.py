@@ -44,6 +44,7 @@ class IdMap:
     def bucket_count(self) -> int:
         return self._bucket_keys.numel()
 
+    @torch.inference_mode(False)  # the map outlives an inference_mode block it grows in
     def _allocate(self, buckets: int) -> None:
         self._bucket_keys = torch.zeros(buckets, dtype=torch.int64, device=self.device)
         self._bucket_rows = torch.full((buckets,), -1, dtype=torch.int64, device=self.device)
@@ -80,6 +81,7 @@ class IdMap:
         needed = bucket_count_for(self._size + count)
         if needed > self.bucket_count:
             self._rehash(needed)
+        self._row_keys.room_for(self._size + count)  # can fail (memory): before any bucket changes
         self._place(ids, new_rows)
         self._row_keys.append(ids)
         self._size += count

@@ -46,6 +46,7 @@ class NativeIdMap:
     def bucket_count(self) -> int:
         return self._buckets.shape[0]
 
+    @torch.inference_mode(False)  # the map outlives an inference_mode block it grows in
     def _empty_buckets(self, count: int) -> torch.Tensor:
         buckets = torch.zeros((count, 2), dtype=torch.int64, device=self.device)
         buckets[:, 1] = -1
@@ -78,8 +79,12 @@ class NativeIdMap:
     def _insert_missing(self, ids: torch.Tensor, rows: torch.Tensor, missing: int) -> torch.Tensor:
         needed = bucket_count_for(self._size + missing)
         if needed > self.bucket_count:
-            self._buckets = torch.ops.recis.id_map_rehash(self._buckets, needed)
-        row_keys = self._row_keys.room_for(self._size + ids.numel())  # the kernel writes the new rows' keys
+            with torch.inference_mode(False):
+                self._buckets = torch.ops.recis.id_map_rehash(self._buckets, needed)
+        # The kernel writes the new rows' keys. The CUDA binding cannot count the missing
+        # ids without a synchronization, so it asks for room for every id to be new.
+        room = missing if ids.device.type == "cpu" else ids.numel()
+        row_keys = self._row_keys.room_for(self._size + room)
         is_new, self._size = torch.ops.recis.id_map_insert_missing(self._buckets, ids, rows, row_keys, self._size)
         self._row_keys.set_length(self._size)
         return is_new

@@ -14,7 +14,8 @@ class RowKeys:
     """The id of each row ``0 .. len(self) - 1``, in a buffer grown by doubling."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        self._buffer = torch.empty(0, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):
+            self._buffer = torch.empty(0, dtype=torch.int64, device=device)
         self._size = 0
 
     def __len__(self) -> int:
@@ -30,8 +31,10 @@ class RowKeys:
         """The whole buffer, grown to hold ``count`` keys, for a kernel that writes the keys
         of new rows itself; ``set_length`` then records how many it wrote."""
         if count > self._buffer.numel():
-            grown = torch.empty(max(count, 2 * self._buffer.numel(), 64), dtype=torch.int64, device=self._buffer.device)
-            grown[: self._size] = self._buffer[: self._size]
+            with torch.inference_mode(False):  # the keys outlive an inference_mode block they grow in
+                capacity = max(count, 2 * self._buffer.numel(), 64)
+                grown = torch.empty(capacity, dtype=torch.int64, device=self._buffer.device)
+                grown[: self._size] = self._buffer[: self._size]
             self._buffer = grown
         return self._buffer
 
