@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from recis.ops.hashing import mix64
-from recis.ops.row_keys import RowKeys
+from recis.ops.row_keys import KeysByRow, RowKeys
 
 _MAX_LOAD = 0.5
 _MIN_BUCKETS = 64
@@ -28,7 +28,7 @@ def bucket_count_for(num_ids: int) -> int:
     return buckets
 
 
-class IdMap:
+class IdMap(KeysByRow):
     """Maps int64 ids to dense row indices ``0 .. len(self) - 1``."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
@@ -109,14 +109,6 @@ class IdMap:
         rows[absent] = new_rows[rank[inverse]]
         is_new[absent[first]] = True
         return rows, is_new
-
-    def keys_by_row(self) -> torch.Tensor:
-        """All ids, ordered by their row (a new tensor)."""
-        return self._row_keys.all()
-
-    def keys_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The id held by each of ``rows``; O(len(rows))."""
-        return self._row_keys.of_rows(rows)
 
     def clear(self) -> None:
         self._size = 0

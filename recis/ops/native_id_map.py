@@ -16,12 +16,12 @@ import torch
 
 from recis.ops.id_map import IdMap, bucket_count_for
 from recis.ops.native_library import has_kernels_for
-from recis.ops.row_keys import RowKeys
+from recis.ops.row_keys import KeysByRow, RowKeys
 
 _MIN_BUCKETS = bucket_count_for(0)
 
 
-class NativeIdMap:
+class NativeIdMap(KeysByRow):
     """Maps int64 ids to dense row indices ``0 .. len(self) - 1``.
 
     On a device the library has no kernels for (CUDA in a CPU-only build), constructing
@@ -88,14 +88,6 @@ class NativeIdMap:
         is_new, self._size = torch.ops.recis.id_map_insert_missing(self._buckets, ids, rows, row_keys, self._size)
         self._row_keys.set_length(self._size)
         return is_new
-
-    def keys_by_row(self) -> torch.Tensor:
-        """All ids, ordered by their row (a new tensor)."""
-        return self._row_keys.all()
-
-    def keys_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The id held by each of ``rows``; O(len(rows))."""
-        return self._row_keys.of_rows(rows)
 
     def clear(self) -> None:
         self._size = 0

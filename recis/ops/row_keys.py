@@ -50,3 +50,17 @@ class RowKeys:
     def all(self) -> torch.Tensor:
         """Every id in row order, as a new tensor (writing to it leaves the map alone)."""
         return self._buffer[: self._size].clone()
+
+
+class KeysByRow:
+    """The reads of an id map's ``RowKeys`` (in ``self._row_keys``), shared by both maps."""
+
+    _row_keys: RowKeys
+
+    def keys_by_row(self) -> torch.Tensor:
+        """All ids, ordered by their row (a new tensor)."""
+        return self._row_keys.all()
+
+    def keys_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The id held by each of ``rows``; O(len(rows))."""
+        return self._row_keys.of_rows(rows)
