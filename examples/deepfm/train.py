@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -380,6 +381,17 @@ def describe(args: argparse.Namespace, trainer: Trainer, world: World, rows: int
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = init_world()
+    train(args, world)
+    if world.distributed:
+        # DDP and the tables hold the process group. Freeing them first lets destroying it
+        # join gloo's worker threads now; a worker still alive when Python finalizes can
+        # abort the process ("terminate called without an active exception").
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, world: World) -> None:
+    """Build, resume, train, evaluate, checkpoint and report: the whole run on this rank."""
     out_dir = Path(args.out_dir)
     checkpoints = out_dir / "checkpoints"
     trainer = build(args, world)
@@ -481,8 +493,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"AUC of the planted model itself on the held-out set: {planted:.4f}")
         print(f"wrote {csv.path}, {out_dir / 'plot.png'}" + (f", {checkpoints}/" if saved_step is not None else ""))
         print(f"test_auc: {test_auc:.4f}")
-    if world.distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
