@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deepfm"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "deepfm"
 TRAIN = EXAMPLE / "train.py"
 TINY = ["--batch-size", "256", "--test-samples", "4000", "--warmup-steps", "5", "--log-every", "10"]
 DEADLINE_S = 240

@@ -1,15 +1,15 @@
 """kill -9 of a worker under torchrun --max-restarts: the job resumes from the last checkpoint
 and ends with the same tables as an undisturbed run; no step is lost or applied twice."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_harness import worker_environment
 from fault_tolerance_worker import ACCUM, KILL_AFTER, SAVE_EVERY
-from test_dist_equivalence import _assert_owned_union_equals_reference, _reference
+from two_table_training import assert_owned_union_equals_reference, reference_state
 
 WORKER = Path(__file__).with_name("fault_tolerance_worker.py")
 
@@ -35,7 +35,7 @@ def test_a_worker_killed_mid_training_is_restarted_from_the_last_checkpoint_with
     ]
     # Workers get their own store instead of sharing torchrun's rendezvous store, from which a restarted
     # worker can read the address of a peer of the previous attempt (pytorch/pytorch#135712).
-    environment = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    environment = worker_environment(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -50,4 +50,4 @@ def test_a_worker_killed_mid_training_is_restarted_from_the_last_checkpoint_with
         assert sorted(set(first_attempt[:last_checkpoint] + second_attempt)) == list(range(5 * ACCUM))
 
     per_rank = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
-    _assert_owned_union_equals_reference(per_rank, _reference("adamw", ACCUM, "row"), "killed and restarted")
+    assert_owned_union_equals_reference(per_rank, reference_state("adamw", ACCUM, "row"), "killed and restarted")

@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 def test_quickstart_trains_above_chance_and_ends_with_test_auc_line():

@@ -6,11 +6,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from test_dist_equivalence import _run_cases
+from two_table_training import run_cases
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    torch.save(_run_cases(rank, world_size), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    torch.save(run_cases(rank, world_size), os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,3 +86,10 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, deadline_s: float = 240
         if "error" in outcome:
             raise RankFailed(f"rank {rank} failed: {outcome['error']}\n{outcome['traceback']}")
     return [outcome["result"] for outcome in outcomes]
+
+
+def worker_environment(**extra: str) -> dict[str, str]:
+    """The environment for a torchrun-launched test worker: it imports from tests/support like the tests do."""
+    support = str(Path(__file__).resolve().parent)
+    paths = [support, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 NVCC = shutil.which("nvcc")
 

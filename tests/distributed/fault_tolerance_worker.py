@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from test_dist_equivalence import GLOBAL_BATCH, TwoTables, _global_batches, _optimizer, _owned_state
 from torch import nn
+from two_table_training import GLOBAL_BATCH, TwoTables, global_batches, make_optimizer, owned_state
 
 import recis.checkpoint as ck
 from recis.dist import ShardedHashTable, ShardedOptimizer
@@ -29,12 +29,12 @@ if __name__ == "__main__":
     rank, world_size = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     model = TwoTables(ShardedHashTable)
-    optimizer = ShardedOptimizer(_optimizer("adamw", model, "row", ACCUM))
+    optimizer = ShardedOptimizer(make_optimizer("adamw", model, "row", ACCUM))
     try:
         start = ck.load(checkpoints, model, optimizer)["step"]
     except FileNotFoundError:
         start = 0
-    batches = _global_batches(ACCUM)
+    batches = global_batches(ACCUM)
     local = GLOBAL_BATCH // world_size
     with open(out_dir / f"applied{rank}.log", "a") as log:
         for step in range(start, len(batches)):
@@ -48,6 +48,6 @@ if __name__ == "__main__":
                 ck.save(checkpoints, model, optimizer, extra={"step": step + 1}, keep=2)
             if attempt == 0 and rank == 1 and step == KILL_AFTER:
                 os.kill(os.getpid(), signal.SIGKILL)
-    owned = {t.name: _owned_state(t, optimizer.state[t]["step"]) for t in (model.user, model.item)}
+    owned = {t.name: owned_state(t, optimizer.state[t]["step"]) for t in (model.user, model.item)}
     torch.save({"owned": owned, "replicas": {}}, out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dist_equivalence import (
+from dist_harness import worker_environment
+from two_table_training import (
     CASES,
-    _assert_owned_union_equals_reference,
-    _assert_replicas_equal_reference,
-    _reference,
+    assert_owned_union_equals_reference,
+    assert_replicas_equal_reference,
+    reference_state,
 )
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
@@ -26,7 +27,8 @@ def _free_port() -> int:
 
 def _launch(commands: list[list[str]]) -> None:
     processes = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for command in commands
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_environment())
+        for command in commands
     ]
     try:
         outputs = [process.communicate(timeout=DEADLINE_S)[0] for process in processes]
@@ -45,10 +47,10 @@ def _assert_matches_one_process(out_dir: Path) -> None:
     per_rank = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     for case in CASES:
         optimizer_name, kind, accum, bias_correction = case
-        reference = _reference(optimizer_name, accum, bias_correction)
-        _assert_owned_union_equals_reference([r[case] for r in per_rank], reference, case)
+        reference = reference_state(optimizer_name, accum, bias_correction)
+        assert_owned_union_equals_reference([r[case] for r in per_rank], reference, case)
         if kind == "replicated":
-            _assert_replicas_equal_reference([r[case] for r in per_rank], reference, case)
+            assert_replicas_equal_reference([r[case] for r in per_rank], reference, case)
 
 
 @pytest.mark.timeout(DEADLINE_S + 30)

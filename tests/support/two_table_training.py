@@ -1,14 +1,7 @@
-"""W gloo ranks with local batches of b (mean loss) == one process with the W*b batch.
+"""The two-table model and data that the equivalence, torchrun, resharding and fault-tolerance
+tests train: W ranks with local batches against one process with the whole batch."""
 
-Every rank runs the same cases in one spawn: the three sparse optimizers, sharded and
-replicated tables, with and without gradient accumulation. The global batches mix ids
-repeated across ranks (a small Zipf-like vocabulary) with ids that appear on one rank
-only (a fresh random 64-bit id per step).
-"""
-
-import pytest
 import torch
-from dist_harness import run_ranks
 from torch import nn
 
 from recis.dist import ShardedHashTable, ShardedOptimizer
@@ -28,7 +21,7 @@ CASES = [
 RTOL, ATOL = 1e-6, 1e-7
 
 
-def _global_batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def global_batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(7)
     batches = []
     for step in range(UPDATES * accum):
@@ -49,7 +42,7 @@ class TwoTables(nn.Module):
         return (user * item).sum(-1) + 0.5 * user.sum(-1)
 
 
-def _optimizer(name: str, model: nn.Module, bias_correction: str, accum: int):
+def make_optimizer(name: str, model: nn.Module, bias_correction: str, accum: int):
     optimizer = OPTIMIZERS[name](
         filter_out_sparse_param(model), lr=0.05, weight_decay=0.1, bias_correction=bias_correction
     )
@@ -57,7 +50,7 @@ def _optimizer(name: str, model: nn.Module, bias_correction: str, accum: int):
     return optimizer
 
 
-def _train(model: nn.Module, optimizer, batches, rank: int, world_size: int) -> None:
+def train(model: nn.Module, optimizer, batches, rank: int, world_size: int) -> None:
     local = GLOBAL_BATCH // world_size
     for ids, targets in batches:
         part = slice(rank * local, (rank + 1) * local)
@@ -66,7 +59,7 @@ def _train(model: nn.Module, optimizer, batches, rank: int, world_size: int) -> 
         optimizer.step()
 
 
-def _owned_state(table: HashTable, step: int) -> dict:
+def owned_state(table: HashTable, step: int) -> dict:
     ids = table.local_ids()  # the rows stored here (a sharded table's local shard)
     state = {"ids": ids, "weight": table.weight.clone(), "table_step": step}
     for name in table.slot_names():
@@ -74,14 +67,14 @@ def _owned_state(table: HashTable, step: int) -> dict:
     return state
 
 
-def _run_cases(rank: int, world_size: int) -> dict:
+def run_cases(rank: int, world_size: int) -> dict:
     results = {}
     for optimizer_name, kind, accum, bias_correction in CASES:
         model = TwoTables(ShardedHashTable if kind == "sharded" else HashTable)
-        optimizer = ShardedOptimizer(_optimizer(optimizer_name, model, bias_correction, accum))
-        _train(model, optimizer, _global_batches(accum), rank, world_size)
+        optimizer = ShardedOptimizer(make_optimizer(optimizer_name, model, bias_correction, accum))
+        train(model, optimizer, global_batches(accum), rank, world_size)
         owned = {
-            table.name: _owned_state(table, optimizer.state[table]["step"])
+            table.name: owned_state(table, optimizer.state[table]["step"])
             for group in optimizer.param_groups
             for table in group["params"]
         }
@@ -92,27 +85,27 @@ def _run_cases(rank: int, world_size: int) -> dict:
     return results
 
 
-def _reference(optimizer_name: str, accum: int, bias_correction: str) -> dict:
+def reference_state(optimizer_name: str, accum: int, bias_correction: str) -> dict:
     model = TwoTables(HashTable)
-    optimizer = _optimizer(optimizer_name, model, bias_correction, accum)
-    _train(model, optimizer, _global_batches(accum), rank=0, world_size=1)
-    return {table.name: _owned_state(table, optimizer.state[table]["step"]) for table in (model.user, model.item)}
+    optimizer = make_optimizer(optimizer_name, model, bias_correction, accum)
+    train(model, optimizer, global_batches(accum), rank=0, world_size=1)
+    return {table.name: owned_state(table, optimizer.state[table]["step"]) for table in (model.user, model.item)}
 
 
-def _by_id(state: dict, key: str) -> dict[int, torch.Tensor]:
+def by_id(state: dict, key: str) -> dict[int, torch.Tensor]:
     return dict(zip(state["ids"].tolist(), state[key]))
 
 
-def _assert_owned_union_equals_reference(per_rank: list[dict], reference: dict, case) -> None:
+def assert_owned_union_equals_reference(per_rank: list[dict], reference: dict, case) -> None:
     for name, expected in reference.items():
         keys = ["weight", *[k for k in expected if k.startswith("slots.")]]
         for key in keys:
             union: dict[int, torch.Tensor] = {}
             for rank_result in per_rank:
-                part = _by_id(rank_result["owned"][name], key)
+                part = by_id(rank_result["owned"][name], key)
                 assert not set(part) & set(union), f"{case} {name}: an id is owned by two ranks"
                 union.update(part)
-            wanted = _by_id(expected, key)
+            wanted = by_id(expected, key)
             assert set(union) == set(wanted), f"{case} {name} {key}: ids differ"
             ordered = sorted(wanted)
             torch.testing.assert_close(
@@ -126,9 +119,9 @@ def _assert_owned_union_equals_reference(per_rank: list[dict], reference: dict, 
             assert rank_result["owned"][name]["table_step"] == expected["table_step"], f"{case} {name}: step count"
 
 
-def _assert_replicas_equal_reference(per_rank: list[dict], reference: dict, case) -> None:
+def assert_replicas_equal_reference(per_rank: list[dict], reference: dict, case) -> None:
     for name, expected in reference.items():
-        wanted = _by_id(expected, "weight")
+        wanted = by_id(expected, "weight")
         for rank, rank_result in enumerate(per_rank):
             ids, weight = rank_result["replicas"][name]
             assert set(ids.tolist()) >= set(wanted), f"{case} {name}: rank {rank} replica lacks updated ids"
@@ -141,15 +134,3 @@ def _assert_replicas_equal_reference(per_rank: list[dict], reference: dict, case
                 atol=ATOL,
                 msg=lambda m, r=rank, n=name: f"{case} {n} rank {r} replica: {m}",
             )
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_ranks_with_local_batches_match_one_process_with_the_whole_batch(world_size):
-    per_rank = run_ranks(world_size, _run_cases)
-    for case in CASES:
-        optimizer_name, kind, accum, bias_correction = case
-        reference = _reference(optimizer_name, accum, bias_correction)
-        results = [rank_results[case] for rank_results in per_rank]
-        _assert_owned_union_equals_reference(results, reference, case)
-        if kind == "replicated":
-            _assert_replicas_equal_reference(results, reference, case)

@@ -3,15 +3,15 @@ as if never stopped: same global batches, mean loss, compared with one uninterru
 
 import pytest
 from dist_harness import run_ranks
-from test_dist_equivalence import (
+from two_table_training import (
     TwoTables,
-    _assert_owned_union_equals_reference,
-    _assert_replicas_equal_reference,
-    _global_batches,
-    _optimizer,
-    _owned_state,
-    _reference,
-    _train,
+    assert_owned_union_equals_reference,
+    assert_replicas_equal_reference,
+    global_batches,
+    make_optimizer,
+    owned_state,
+    reference_state,
+    train,
 )
 
 import recis.checkpoint as ck
@@ -23,19 +23,19 @@ SAVED_AT = 2  # of the 5 updates of the reference run
 
 def _build(kind: str, distributed: bool):
     model = TwoTables(ShardedHashTable if kind == "sharded" else HashTable)
-    optimizer = _optimizer("adamw", model, "row", 1)
+    optimizer = make_optimizer("adamw", model, "row", 1)
     return model, (ShardedOptimizer(optimizer) if distributed else optimizer)
 
 
 def _train_and_save(rank, world_size, root, kind):
     model, optimizer = _build(kind, distributed=True)
-    _train(model, optimizer, _global_batches(1)[:SAVED_AT], rank, world_size)
+    train(model, optimizer, global_batches(1)[:SAVED_AT], rank, world_size)
     ck.save(root, model, optimizer, extra={"step": SAVED_AT})
 
 
 def _results(model, optimizer, kind):
     owned = {
-        table.name: _owned_state(table, optimizer.state[table]["step"])
+        table.name: owned_state(table, optimizer.state[table]["step"])
         for group in optimizer.param_groups
         for table in group["params"]
     }
@@ -48,15 +48,15 @@ def _results(model, optimizer, kind):
 def _load_and_continue(rank, world_size, root, kind):
     model, optimizer = _build(kind, distributed=True)
     assert ck.load(root, model, optimizer) == {"step": SAVED_AT}
-    _train(model, optimizer, _global_batches(1)[SAVED_AT:], rank, world_size)
+    train(model, optimizer, global_batches(1)[SAVED_AT:], rank, world_size)
     return _results(model, optimizer, kind)
 
 
 def _assert_matches_uninterrupted(per_rank, kind, case):
-    reference = _reference("adamw", 1, "row")
-    _assert_owned_union_equals_reference(per_rank, reference, case)
+    reference = reference_state("adamw", 1, "row")
+    assert_owned_union_equals_reference(per_rank, reference, case)
     if kind == "replicated":
-        _assert_replicas_equal_reference(per_rank, reference, case)
+        assert_replicas_equal_reference(per_rank, reference, case)
 
 
 @pytest.mark.parametrize(
@@ -73,11 +73,11 @@ def test_a_sharded_checkpoint_continues_in_one_plain_process_and_back(tmp_path):
     run_ranks(2, _train_and_save, str(tmp_path / "sharded"), "sharded")
     model, optimizer = _build("plain", distributed=False)  # no process group at all
     assert ck.load(tmp_path / "sharded", model, optimizer) == {"step": SAVED_AT}
-    _train(model, optimizer, _global_batches(1)[SAVED_AT:], rank=0, world_size=1)
+    train(model, optimizer, global_batches(1)[SAVED_AT:], rank=0, world_size=1)
     _assert_matches_uninterrupted([_results(model, optimizer, "plain")], "sharded", "2 ranks -> 1 process")
 
     model, optimizer = _build("plain", distributed=False)
-    _train(model, optimizer, _global_batches(1)[:SAVED_AT], rank=0, world_size=1)
+    train(model, optimizer, global_batches(1)[:SAVED_AT], rank=0, world_size=1)
     ck.save(tmp_path / "plain", model, optimizer, extra={"step": SAVED_AT})
     per_rank = run_ranks(2, _load_and_continue, str(tmp_path / "plain"), "sharded")
     _assert_matches_uninterrupted(per_rank, "sharded", "1 process -> 2 ranks")
