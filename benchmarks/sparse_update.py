@@ -105,7 +105,7 @@ def worker_adamw_step(repeats: int, peers: bool) -> dict:
     if BACKEND == "native":  # the floor after the same forward and backward
         step_cases["floor_ms"] = (forward_backward, _floor_on_own_memory(table, batch))
     if peers:  # nn.Embedding indexed by the rows the table gave the batch: the same access pattern
-        step_cases["sparse_adam_ms"] = _torch_sparse_adam_case(table._id_map.find(batch))
+        step_cases["sparse_adam_ms"] = _torch_sparse_adam_case(table.store.find(batch))
     results = {"touched": int(batch.unique().numel()), **interleaved_medians_ms(step_cases, repeats)}
 
     stream = torch.Generator().manual_seed(1)
@@ -134,7 +134,7 @@ def _floor_on_own_memory(table, batch) -> Callable[[], None]:
     """The floor on the table's own weight and slots, over the rows the step updates, in its order."""
     import torch
 
-    step_rows = table._id_map.find(batch.unique())
+    step_rows = table.store.find(batch.unique())
     own_tables = (table.weight, table.slot("exp_avg"), table.slot("exp_avg_sq"))
     return lambda: torch.ops.recis.memory_floor(*own_tables, step_rows, 1.0)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from recis.checkpoint.manifest import CheckpointError, rank_file, read_manifest, resolve, verify_files
 from recis.checkpoint.row_file import dtype_name, read_field_chunks, row_bytes, rows_per_chunk
-from recis.checkpoint.row_stores import OWNER_SLOTS, ROWS, RowStore, row_stores, table_prefixes
+from recis.checkpoint.saved_tables import OWNER_SLOTS, ROWS, SavedTable, saved_tables, table_prefixes
 from recis.checkpoint.saving import optimizer_kind, world
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_optimizer import ShardedOptimizer
@@ -60,14 +60,14 @@ def _agree(problem: Exception | None, world_size: int) -> None:
         raise problem
 
 
-def _kept(store: RowStore, ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor | slice:
+def _kept(store: SavedTable, ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor | slice:
     """Which of ``ids`` this rank keeps: its own under ``world_size`` if partitioned, else all."""
     if store.partitioned:
         return owner_rank(ids, world_size) == rank
     return slice(None)
 
 
-def _stream_into(store: RowStore, directory: Path, manifest: dict[str, Any], world_size: int, rank: int) -> None:
+def _stream_into(store: SavedTable, directory: Path, manifest: dict[str, Any], world_size: int, rank: int) -> None:
     """Write into ``store`` the rows of its table key that this rank keeps; rows first, then slots."""
     wanted_slots = {f"slot.{name}" for name in store.table.slot_names()}
     sets = [s for s in manifest["row_sets"] if s["key"] == store.key]
@@ -86,7 +86,7 @@ def _stream_into(store: RowStore, directory: Path, manifest: dict[str, Any], wor
             ids = fields.pop("ids").reshape(-1).to(store.table.device)
             keep = _kept(store, ids, world_size, rank)
             weight = fields.pop("weight", None)
-            store.table._write_rows(
+            store.table.write_rows(
                 ids[keep],
                 None if weight is None else weight[keep],
                 {name.removeprefix("slot."): value[keep] for name, value in fields.items()},
@@ -133,13 +133,13 @@ def load(path: str | os.PathLike, model: nn.Module, *optimizers: Any) -> dict[st
     _load_dense(model, rank0_state["dense"])
     for optimizer, state in zip(optimizers, rank0_state["optimizers"]):
         _load_optimizer(optimizer, state)
-    stores = row_stores(model, optimizers, world_size)
+    stores = saved_tables(model, optimizers, world_size)
     for store in stores:
-        store.table._restore(torch.empty(0, dtype=torch.int64), torch.empty(0, store.table.embedding_dim), {})
+        store.table.clear()
     for store in stores:
         _stream_into(store, directory, manifest, world_size, rank)
     for store in stores:
         pending = own_state["pending"].get(store.key)
         if pending is not None:
-            store.table._restore_pending(*pending)
+            store.table.restore_grad(*pending)
     return own_state["extra"]

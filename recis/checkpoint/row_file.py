@@ -1,6 +1,6 @@
-"""One binary file per rank holding its row stores, streamed in chunks.
+"""One binary file per rank holding its saved tables, streamed in chunks.
 
-Each field of a row store (ids, weight, one per slot) is written as one contiguous
+Each field of a saved table (ids, weight, one per slot) is written as one contiguous
 little-endian array of ``count`` rows of ``width`` elements, chunk by chunk, so
 neither saving nor loading ever holds more than a chunk beyond the tables
 themselves. The writer returns where each field lies and the CRC-32 of the file.

@@ -2,7 +2,7 @@
 
 Protocol (rank 0 decides the name; every rank writes its own files):
 
-1. every rank writes ``rank<r>.bin`` (its row stores, streamed) and ``rank<r>.pt``
+1. every rank writes ``rank<r>.bin`` (its saved tables, streamed) and ``rank<r>.pt``
    (dense state, optimizer scalars, pending gradients, ``extra``) into ``.tmp-<name>/``;
 2. rank 0 gathers every rank's file descriptions, writes ``manifest.json`` last,
    renames the directory to ``<name>/`` and only then points ``latest`` at it;
@@ -38,7 +38,7 @@ from recis.checkpoint.manifest import (
     write_atomically,
 )
 from recis.checkpoint.row_file import RowFileWriter, dtype_name
-from recis.checkpoint.row_stores import RowStore, dense_state_dict, row_stores
+from recis.checkpoint.saved_tables import SavedTable, dense_state_dict, saved_tables
 from recis.dist.sharded_optimizer import ShardedOptimizer
 from recis.nn.modules.hashtable import filter_out_sparse_param
 from recis.optim.sparse_optimizer import SparseOptimizer
@@ -51,7 +51,7 @@ def world() -> tuple[int, int]:
 
 
 def optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """An optimizer's state without row data (a ShardedOptimizer's owner shards are row stores)."""
+    """An optimizer's state without row data (a ShardedOptimizer's owner shards are saved tables)."""
     if isinstance(optimizer, ShardedOptimizer):
         return optimizer.optimizer.state_dict()
     return optimizer.state_dict()
@@ -85,7 +85,7 @@ def _broadcast(value: Any, world_size: int) -> Any:
     return holder[0]
 
 
-def _write_rank_files(directory: Path, rank: int, stores: list[RowStore], small_state: dict[str, Any]) -> tuple:
+def _write_rank_files(directory: Path, rank: int, stores: list[SavedTable], small_state: dict[str, Any]) -> tuple:
     writer = RowFileWriter(directory / rank_file(rank, "bin"))
     row_sets = []
     for store in stores:
@@ -163,12 +163,12 @@ def save(
     sequence, name = _broadcast((sequence, name) if rank == 0 else None, world_size)
     staging = root / f".tmp-{name}"
     staging.mkdir(parents=True, exist_ok=True)
-    stores = row_stores(model, optimizers, world_size)
+    stores = saved_tables(model, optimizers, world_size)
     accumulating = mid_accumulation(optimizers)  # only then are pending gradients part of the state
     small_state = {
         "dense": dense_state_dict(model) if rank == 0 else {},
         "optimizers": [optimizer_state(optimizer) for optimizer in optimizers],
-        "pending": {s.key: s.table._pending_by_id() for s in stores if accumulating and s.role == "rows"},
+        "pending": {s.key: s.table.grad_by_id() for s in stores if accumulating and s.role == "rows"},
         "extra": extra,
     }
     written = _write_rank_files(staging, rank, stores, small_state)

@@ -1,13 +1,21 @@
-"""All-to-all routing of ids (and rows) to their owner ranks, and back.
+"""All-to-all exchanges of per-id data between ranks, packed across tables.
 
-Every exchange first swaps sizes (one small all-to-all), then the payloads with
-``torch.distributed.all_to_all_single`` (gloo on CPU, NCCL on GPU). The size swap also
-carries failure: a rank whose input is bad sends -1 sizes before it raises, so every
-other rank raises a clear error naming it instead of waiting in a collective.
+A *block* is a tensor whose rows are grouped by destination rank: ``counts[r][b]`` rows
+of block ``b`` go to rank ``r``. ``route`` groups the ids of several tables by owner
+and swaps the counts of all of them in ONE small all-to-all; ``exchange`` then sends
+any number of blocks (ids, rows, gradients of mixed dims and dtypes) in ONE all-to-all
+of bytes. So a lookup or an optimizer step over 26 tables makes as many collective
+calls as over one. In a world of one nothing is sent: the blocks stay where they are.
+
+The size swap also carries failure: a rank whose input is bad sends -1 counts before it
+raises, so every other rank raises a clear error naming it instead of waiting in a
+collective.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +31,7 @@ class PeerError(RuntimeError):
 
 
 class Traffic:
-    """Bytes this process sent to other ranks through the row exchanges."""
+    """Bytes this process sent to other ranks through the exchanges."""
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -42,6 +50,11 @@ def swap_sizes(send: torch.Tensor, group: dist.ProcessGroup | None, error: Excep
     With ``error`` given, this rank sends -1 everywhere and then raises ``error``; a rank
     that receives -1 raises ``PeerError`` naming the sender.
     """
+    world_size, _ = group_size_and_rank(group)
+    if world_size == 1:
+        if error is not None:
+            raise error
+        return send
     if error is not None:
         send = torch.full_like(send, _FAILED)
     received = torch.empty_like(send)
@@ -54,70 +67,178 @@ def swap_sizes(send: torch.Tensor, group: dist.ProcessGroup | None, error: Excep
     return received
 
 
-def all_to_all_rows(
-    send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group: dist.ProcessGroup | None
-) -> torch.Tensor:
-    """Send ``send[...]`` in consecutive blocks of ``send_sizes`` rows to ranks 0, 1, ..."""
-    received = send.new_empty((sum(recv_sizes), *send.shape[1:]))
-    dist.all_to_all_single(received, send.contiguous(), recv_sizes, send_sizes, group=group)
-    _, rank = group_size_and_rank(group)
-    row_bytes = send[:1].numel() * send.element_size()
-    traffic.bytes_sent += (sum(send_sizes) - send_sizes[rank]) * row_bytes
-    return received
+def _as_bytes(block: torch.Tensor) -> torch.Tensor:
+    return block.contiguous().view(torch.uint8).reshape(-1)
 
 
-def all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Concatenate every rank's ``local`` rows (rank 0's first); ranks may hold different counts."""
-    world_size, _ = group_size_and_rank(group)
-    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count, group=group)
-    longest = max(int(c) for c in counts)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=group)
-    traffic.bytes_sent += (world_size - 1) * padded.numel() * padded.element_size()
-    return torch.cat([part[: int(c)] for part, c in zip(gathered, counts)])
+def _row_bytes(block: torch.Tensor) -> int:
+    return math.prod(block.shape[1:]) * block.element_size()
+
+
+def exchange(
+    blocks: Sequence[torch.Tensor],
+    send_counts: list[list[int]],
+    recv_counts: list[list[int]],
+    group: dist.ProcessGroup | None,
+) -> list[torch.Tensor]:
+    """Send every block's rows to their ranks in one all-to-all; returns the blocks received.
+
+    ``send_counts[r][b]`` rows of ``blocks[b]`` (consecutive, in rank order) go to rank
+    r; ``recv_counts[r][b]`` rows of block b arrive from rank r. A received block holds
+    the rows from rank 0 first, then rank 1, ..., with the sent block's dtype and row shape.
+    """
+    world_size, rank = group_size_and_rank(group)
+    if world_size == 1:
+        return list(blocks)
+    row_bytes = [_row_bytes(block) for block in blocks]
+    flat = [_as_bytes(block) for block in blocks]
+    offsets = [0] * len(blocks)
+    pieces, send_split = [], []
+    for r in range(world_size):
+        size = 0
+        for b, count in enumerate(send_counts[r]):
+            length = count * row_bytes[b]
+            pieces.append(flat[b][offsets[b] : offsets[b] + length])
+            offsets[b] += length
+            size += length
+        send_split.append(size)
+    recv_split = [sum(count * row_bytes[b] for b, count in enumerate(recv_counts[r])) for r in range(world_size)]
+    payload = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=blocks[0].device)
+    received = payload.new_empty(sum(recv_split))
+    dist.all_to_all_single(received, payload, recv_split, send_split, group=group)
+    traffic.bytes_sent += sum(send_split) - send_split[rank]
+    return _unpack(received, blocks, row_bytes, recv_counts)
+
+
+def _unpack(
+    received: torch.Tensor, like: Sequence[torch.Tensor], row_bytes: list[int], counts: list[list[int]]
+) -> list[torch.Tensor]:
+    """Split bytes laid out rank by rank, block by block, into one tensor per block."""
+    parts: list[list[torch.Tensor]] = [[] for _ in like]
+    offset = 0
+    for per_rank in counts:
+        for b, count in enumerate(per_rank):
+            length = count * row_bytes[b]
+            parts[b].append(received[offset : offset + length])
+            offset += length
+    out = []
+    for block, pieces in zip(like, parts):
+        joined = torch.cat(pieces)  # a fresh tensor: aligned for the view below
+        out.append(joined.view(block.dtype).reshape(-1, *block.shape[1:]))
+    return out
 
 
 @dataclass
 class Routing:
-    """Where each of a rank's ids went, so answers can come back in the original order.
+    """Ids of several tables grouped by owner rank, and the counts swapped with every rank.
 
-    ``order`` sorts this rank's ids by owner; ``send_sizes[r]`` of them go to rank r and
-    ``recv_sizes[r]`` ids arrive from rank r.
+    ``orders[t]`` sorts table t's ids by owner; ``send_counts[r][t]`` of them go to rank
+    r and ``recv_counts[r][t]`` ids of table t arrive from rank r. ``flags`` are the
+    per-table integers every rank sent along (see ``route``), as ``received_flags[r][t]``.
     """
 
-    order: torch.Tensor
-    send_sizes: list[int]
-    recv_sizes: list[int]
+    orders: list[torch.Tensor | None]
+    send_counts: list[list[int]]
+    recv_counts: list[list[int]]
+    received_flags: list[list[int]]
     group: dist.ProcessGroup | None
 
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        """Send per-id ``values`` (in this rank's original order) to the owners."""
-        return all_to_all_rows(values.index_select(0, self.order), self.send_sizes, self.recv_sizes, self.group)
+    def sources(self, table: int) -> int:
+        """How many ranks sent ids of ``table`` to this one."""
+        return sum(1 for per_rank in self.recv_counts if per_rank[table] > 0)
 
-    def backward(self, answers: torch.Tensor) -> torch.Tensor:
-        """Return the owners' per-received-id ``answers``; result is in this rank's original order."""
-        back = all_to_all_rows(answers, self.recv_sizes, self.send_sizes, self.group)
-        result = torch.empty_like(back)
-        result[self.order] = back
-        return result
+    def by_owner(self, table: int, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of table ``table``'s ids, in the owner order of the sent ids."""
+        order = self.orders[table]
+        return values if order is None else values.index_select(0, order)
+
+    def forward(self, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Send per-id blocks (rows in owner order) to the owners, in one exchange.
+
+        ``blocks`` holds one block per table, or several: block ``b`` belongs to table
+        ``b % tables`` (ids of every table, then gradients of every table, say).
+        """
+        return exchange(blocks, _tiled(self.send_counts, len(blocks)), _tiled(self.recv_counts, len(blocks)), self.group)
+
+    def backward(self, answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return the owners' per-received-id answers (blocks as in ``forward``) to the ranks that asked."""
+        return exchange(
+            answers, _tiled(self.recv_counts, len(answers)), _tiled(self.send_counts, len(answers)), self.group
+        )
 
 
-def route_to_owners(
-    ids: torch.Tensor, group: dist.ProcessGroup | None, error: Exception | None = None
-) -> tuple[Routing, torch.Tensor]:
-    """Send every id to its owner: returns the routing and the ids this rank received.
+def _tiled(counts: list[list[int]], blocks: int) -> list[list[int]]:
+    """Per-rank counts of ``blocks`` blocks, block ``b`` counted like table ``b % tables``."""
+    tables = len(counts[0]) if counts else 0
+    if blocks == tables:
+        return counts
+    if tables == 0 or blocks % tables:
+        raise ValueError(f"{blocks} blocks do not divide among {tables} tables")
+    return [row * (blocks // tables) for row in counts]
 
-    With ``error`` (this rank's input was bad; ``ids`` should then be empty), the others
+
+def route(
+    ids: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None,
+    error: Exception | None = None,
+    flags: Sequence[int] | None = None,
+) -> tuple[Routing, list[torch.Tensor]]:
+    """Group each table's ids by owner and swap the counts, in one collective for all tables.
+
+    Returns the routing and each table's ids in owner order (what ``Routing.forward``
+    sends). ``flags`` (one int >= 0 per table) reach every rank with the counts. With
+    ``error`` (this rank's input was bad; ``ids`` should then be empty) the other ranks
     are told and ``error`` is raised.
     """
     world_size, _ = group_size_and_rank(group)
-    owners = owner_rank(ids, world_size)
-    order = torch.argsort(owners, stable=True)
-    send_sizes = torch.bincount(owners, minlength=world_size).reshape(world_size, 1)
-    recv_sizes = swap_sizes(send_sizes, group, error)
-    routing = Routing(order, send_sizes.flatten().tolist(), recv_sizes.flatten().tolist(), group)
-    return routing, routing.forward(ids)
+    tables = len(ids)
+    flags = list(flags) if flags is not None else [0] * tables
+    device = ids[0].device if tables else torch.device("cpu")
+    counts = torch.zeros((world_size, 2 * tables), dtype=torch.int64, device=device)
+    orders: list[torch.Tensor | None] = []
+    sorted_ids = []
+    for t, table_ids in enumerate(ids):
+        if world_size == 1:
+            orders.append(None)
+            sorted_ids.append(table_ids)
+            counts[0, t] = table_ids.numel()
+            continue
+        owners = owner_rank(table_ids, world_size)
+        order = torch.argsort(owners, stable=True)
+        orders.append(order)
+        sorted_ids.append(table_ids.index_select(0, order))
+        counts[:, t] = torch.bincount(owners, minlength=world_size)
+    counts[:, tables:] = torch.tensor(flags, dtype=torch.int64, device=device)
+    received = swap_sizes(counts, group, error).tolist()
+    send = counts.tolist()
+    routing = Routing(
+        orders,
+        [row[:tables] for row in send],
+        [row[:tables] for row in received],
+        [row[tables:] for row in received],
+        group,
+    )
+    return routing, sorted_ids
+
+
+def all_gather_blocks(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Every rank's blocks, concatenated rank 0 first: one gather of counts, one of bytes."""
+    world_size, _ = group_size_and_rank(group)
+    if world_size == 1:
+        return list(blocks)
+    device = blocks[0].device
+    counts = torch.tensor([block.shape[0] for block in blocks], dtype=torch.int64, device=device)
+    gathered_counts = [torch.empty_like(counts) for _ in range(world_size)]
+    dist.all_gather(gathered_counts, counts, group=group)
+    per_rank = [c.tolist() for c in gathered_counts]
+    row_bytes = [_row_bytes(block) for block in blocks]
+    sizes = [sum(n * row_bytes[b] for b, n in enumerate(counts_of_rank)) for counts_of_rank in per_rank]
+    longest = max(sizes)
+    payload = torch.zeros(longest, dtype=torch.uint8, device=device)
+    mine = torch.cat([_as_bytes(block) for block in blocks])
+    payload[: mine.numel()] = mine
+    gathered = [torch.empty_like(payload) for _ in range(world_size)]
+    dist.all_gather(gathered, payload, group=group)
+    traffic.bytes_sent += (world_size - 1) * longest
+    received = torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+    return _unpack(received, blocks, row_bytes, per_rank)

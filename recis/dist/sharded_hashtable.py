@@ -1,10 +1,11 @@
 """ShardedHashTable: a HashTable whose rows are hash-partitioned across ranks.
 
 Each rank stores only the ids it owns (``owner_rank(id, world_size)``); its inherited
-storage (``weight``, slots, ``len``) is that local shard. ``forward`` is collective:
+storage (``weight``, slots, ``len``) is that local shard. ``forward`` is collective,
+a ``sharded_lookup`` of one table:
 
-    unique ids -> group by owner -> all-to-all (sizes, then ids) -> owners find-or-insert
-    and gather -> all-to-all rows back -> expand by the inverse index
+    unique ids -> input_dist (sizes, then ids, to owners) -> lookup at owners
+    (find-or-insert and gather) -> output_dist (rows back) -> expand by the inverse index
 
 Backward keeps the gradient local, keyed by id; ``recis.dist.ShardedOptimizer`` sends
 it to the owners at the update, so gradient accumulation costs no communication.
@@ -21,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from recis.dist.agreement import require_same_config
-from recis.dist.exchange import PeerError, all_gather_rows, group_size_and_rank, route_to_owners
+from recis.dist.exchange import PeerError, all_gather_blocks, group_size_and_rank, route
 from recis.dist.partition import owner_rank
+from recis.dist.sharded_lookup import sharded_lookup
+from recis.nn.functional import GradReceiver
 from recis.nn.initializers import Initializer
 from recis.nn.modules.hashtable import HashTable
-from recis.ops import coalesce_rows
 
 
 def _describe_initializer(initializer: Initializer | None) -> str:
@@ -43,10 +45,9 @@ class ShardedHashTable(HashTable):
     ``forward``, ``lookup``, ``assign``, ``ids``, ``num_ids``. ``len(table)``,
     ``weight``, ``local_ids()`` and ``state_dict()`` are local: the rows this rank owns.
     ``load_state_dict`` accepts any table's state (a one-process table's included) and
-    keeps the ids this rank owns.
+    keeps the ids this rank owns. The gradient is kept by id (``grad_by_id``) until
+    ``ShardedOptimizer`` sends it to the owners.
     """
-
-    _pending_needs_local_rows = False
 
     def __init__(
         self,
@@ -62,7 +63,6 @@ class ShardedHashTable(HashTable):
         super().__init__(embedding_shape, dtype=dtype, device=device, initializer=initializer, name=name, seed=seed)
         self.process_group = process_group
         self.world_size, self.rank = group_size_and_rank(process_group)
-        self._local_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, float32 grad), ids maybe remote
         require_same_config(
             self.describe(),
             {
@@ -80,40 +80,44 @@ class ShardedHashTable(HashTable):
 
     # ------------------------------------------------------------------ collective reads
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat, error = self._ids_or_error(ids)
-        unique_ids, inverse = torch.unique(flat, return_inverse=True)
-        routing, asked = route_to_owners(unique_ids, self.process_group, error)
-        answers = routing.backward(self._serve(asked))
-        receive = partial(self._accept_local_grad, unique_ids)
-        return self._differentiable(answers, inverse, receive).reshape(*ids.shape, *self.embedding_shape)
+        return sharded_lookup([self], [ids])[0]
 
-    def _serve(self, asked: torch.Tensor) -> torch.Tensor:
-        """Rows of the ids other ranks asked this owner for (inserting them in training mode)."""
+    @torch.no_grad()
+    def serve(self, asked: torch.Tensor, *, deduplicate: bool) -> torch.Tensor:
+        """The owner's part of a lookup: rows of the ids asked of it (inserting them in training mode).
+
+        ``deduplicate`` when ``asked`` may repeat an id (several ranks asked for it).
+        """
+        if not deduplicate:
+            return self.read_or_initial(asked, insert=self.training)
         unique_asked, inverse = torch.unique(asked, return_inverse=True)
-        if self.training:
-            rows = self._find_or_insert(unique_asked)  # may reallocate the storage: read it after
-            values = self._weight.index_select(0, rows)
-        else:
-            values = self._read_or_initial(unique_asked, self._id_map.find(unique_asked))
-        return values.index_select(0, inverse)
+        return self.read_or_initial(unique_asked, insert=self.training).index_select(0, inverse)
+
+    def gradient_receiver(self, unique_ids: torch.Tensor) -> GradReceiver:
+        """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id."""
+        return partial(self.grad_buffer.add, unique_ids, distinct=True)
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of present ids; if any rank asked for an absent id, every rank raises ``KeyError``."""
         flat, error = self._ids_or_error(ids)
-        routing, asked = route_to_owners(flat, self.process_group, error)
-        rows = self._id_map.find(asked)
+        routing, sorted_ids = route([flat], self.process_group, error)
+        (asked,) = routing.forward(sorted_ids)
+        rows = self.store.find(asked)
         found = torch.zeros((rows.numel(), self.embedding_dim + 1), dtype=torch.float32, device=self.device)
         found[:, 0] = (rows >= 0).float()
-        found[rows >= 0, 1:] = self._weight.index_select(0, rows[rows >= 0]).float()
-        answers = routing.backward(found)
-        absent = answers[:, 0] == 0
+        found[rows >= 0, 1:] = self.store.gather(rows[rows >= 0]).float()
+        (answers,) = routing.backward([found])
+        in_batch_order = torch.empty_like(answers)
+        in_batch_order[routing.orders[0] if routing.orders[0] is not None else slice(None)] = answers
+        absent = in_batch_order[:, 0] == 0
         self._raise_if_any_rank_missed(flat, absent)
-        return answers[:, 1:].to(self.dtype).reshape(*ids.shape, *self.embedding_shape)
+        return in_batch_order[:, 1:].to(self.dtype).reshape(*ids.shape, *self.embedding_shape)
 
     def _raise_if_any_rank_missed(self, flat_ids: torch.Tensor, absent: torch.Tensor) -> None:
         missed = torch.tensor([int(absent.sum())], dtype=torch.int64, device=self.device)
-        dist.all_reduce(missed, group=self.process_group)
+        if self.world_size > 1:
+            dist.all_reduce(missed, group=self.process_group)
         if int(absent.sum()):
             raise KeyError(f"{self.describe()}: id {int(flat_ids[absent][0])} is not in the table")
         if int(missed):
@@ -123,7 +127,7 @@ class ShardedHashTable(HashTable):
     def assign(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Insert or overwrite rows at their owners. For an id given by several ranks, the highest rank wins."""
         try:
-            flat, values = self._checked_assignment(ids, values)
+            flat, values = self.checked_assignment(ids, values)
             error = None
         except (TypeError, ValueError) as bad_input:
             flat, values, error = (
@@ -131,59 +135,52 @@ class ShardedHashTable(HashTable):
                 torch.empty(0, self.embedding_dim, dtype=self.dtype, device=self.device),
                 bad_input,
             )
-        routing, owned_ids = route_to_owners(flat, self.process_group, error)
-        owned_values = routing.forward(values)
-        self._assign_rows(owned_ids, owned_values)
+        routing, sorted_ids = route([flat], self.process_group, error)
+        owned_ids, owned_values = routing.forward([sorted_ids[0], routing.by_owner(0, values)])
+        self.assign_rows(owned_ids, owned_values)
 
     def ids(self) -> torch.Tensor:
         """Every id of the table, gathered from all ranks (rank 0's first, each in row order)."""
-        return all_gather_rows(self.local_ids(), self.process_group)
+        return all_gather_blocks([self.local_ids()], self.process_group)[0]
 
     def num_ids(self) -> int:
         """How many ids the whole table holds (collective)."""
         count = torch.tensor([len(self)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(count, group=self.process_group)
+        if self.world_size > 1:
+            dist.all_reduce(count, group=self.process_group)
         return int(count)
 
-    # ------------------------------------------------------------------ local gradients
-    def _accept_local_grad(self, unique_ids: torch.Tensor, grad: torch.Tensor) -> None:
-        self._local_grads.append((unique_ids, grad))
-
+    # ------------------------------------------------------------------ gradients, kept by id
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a gradient for ids anywhere in the table; it reaches their owners at the next update."""
-        flat_ids, grad = self._checked_gradient(ids, grad)
-        self._local_grads.append((flat_ids, grad.float()))
+        flat_ids, grad = self.checked_gradient(ids, grad)
+        self.grad_buffer.add(flat_ids, grad, distinct=False)
 
-    def take_local_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This rank's gradient since the last update, summed per id, and forget it; None if none arrived."""
-        summed = self._pending_by_id()
-        self._local_grads = []
-        return summed
+    def pending_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Not available: a sharded table's gradient is kept by id, for ``ShardedOptimizer`` (see ``grad_by_id``)."""
+        if self.grad_buffer:
+            raise RuntimeError(
+                f"{self.describe()} keeps its gradient by id until recis.dist.ShardedOptimizer sends it to the "
+                "owners; wrap the sparse optimizer in ShardedOptimizer"
+            )
+        return None
 
-    @property
-    def has_grad(self) -> bool:
-        return bool(self._local_grads) or super().has_grad
+    def grad_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's gradient since the last update, summed per id (ids anywhere in the table), or None."""
+        return self.grad_buffer.summed()
 
-    def clear_grad(self) -> None:
-        super().clear_grad()
-        self._local_grads = []
+    def restore_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        self.grad_buffer.clear()
+        self.grad_buffer.add(ids.to(self.device), grad.to(self.device), distinct=True)
 
-    def _pending_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self._local_grads:
-            return None
-        ids = torch.cat([ids for ids, _ in self._local_grads])
-        grads = torch.cat([grad for _, grad in self._local_grads])
-        return coalesce_rows(ids, grads)
-
-    def _restore_pending(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
-        self._local_grads = [(ids, grad)]
+    def _pending_ids_problem(self, pending_ids: torch.Tensor, ids: torch.Tensor) -> str | None:
+        return None  # kept by id: any id of the table
 
     # ------------------------------------------------------------------ state dict
-    def _restore(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
-        """Load a state dict holding any ids (a one-process table's, say): keep those this rank owns."""
-        owned = owner_rank(ids.to(self.device), self.world_size) == self.rank
-        owned_cpu = owned.to(ids.device)
-        super()._restore(ids[owned_cpu], weight[owned_cpu], {name: value[owned_cpu] for name, value in slots.items()})
+    def load_rows(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
+        """Load rows of any ids (a one-process table's, say): keep those this rank owns."""
+        owned = (owner_rank(ids.to(self.device), self.world_size) == self.rank).to(ids.device)
+        super().load_rows(ids[owned], weight[owned], {name: value[owned] for name, value in slots.items()})
 
     # ------------------------------------------------------------------ helpers
     def _no_ids(self) -> torch.Tensor:
@@ -192,7 +189,7 @@ class ShardedHashTable(HashTable):
     def _ids_or_error(self, ids: torch.Tensor) -> tuple[torch.Tensor, Exception | None]:
         """Flat int64 ids, or no ids and the error to raise once the other ranks are told."""
         try:
-            return self._checked_ids(ids).reshape(-1), None
+            return self.checked_ids(ids).reshape(-1), None
         except (TypeError, ValueError) as bad_input:
             return self._no_ids(), bad_input
 

@@ -148,7 +148,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._check_slots(group)
         self.param_groups.append(group)
         for table in group["params"]:
-            self._ensure_slots(table, group)
+            self.prepare_table(table, group)
 
     @staticmethod
     def _check_distinct_tables(groups: list[dict[str, Any]]) -> None:
@@ -175,7 +175,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             for spec in self._slot_specs(table, group):
                 table.check_slot(*spec)
 
-    def _ensure_slots(self, table: HashTable, group: dict[str, Any]) -> None:
+    def prepare_table(self, table: HashTable, group: dict[str, Any]) -> None:
+        """Register the slots ``group``'s formula keeps on ``table`` (zero for every row)."""
         for spec in self._slot_specs(table, group):
             table.add_slot(*spec)
 
@@ -206,19 +207,30 @@ class SparseOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Take each table's pending gradient and apply it (every ``grad_accum_steps``-th call)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.micro_step():
+            for group in self.param_groups:
+                for table in group["params"]:
+                    pending = table.pending_grad()
+                    if pending is not None:  # no gradient: the step count stays (torch.optim.SparseAdam's rule)
+                        self.apply_gradient(table, *pending, group)
+        return loss
+
+    def micro_step(self) -> bool:
+        """Count one ``step()`` call of the accumulation window; True when it is the update.
+
+        Checks the param groups first, so an invalid edit raises before anything changes.
+        """
         self.check_param_groups()
         self._accum_phase += 1
         if self._accum_phase < self._grad_accum_steps:
-            return loss
+            return False
         self._accum_phase = 0
-        for group in self.param_groups:
-            for table in group["params"]:
-                self._update_table(table, group)
-        return loss
+        return True
 
     def check_param_groups(self) -> None:
         """Raise, changing nothing, if a param group was edited into an invalid state."""
@@ -235,11 +247,24 @@ class SparseOptimizer(torch.optim.Optimizer):
         """Whether micro-steps have been taken since the last update (``zero_grad`` then keeps gradients)."""
         return self._accum_phase != 0
 
-    def _update_table(self, table: HashTable, group: dict[str, Any]) -> None:
-        pending = table.pending_grad()
-        if pending is None:  # the table got no gradient: its step count stays (torch.optim.SparseAdam's rule)
-            return
-        rows, grad = pending
+    def group_of(self, table: HashTable) -> dict[str, Any]:
+        """The param group holding ``table``."""
+        for group in self.param_groups:
+            if any(member is table for member in group["params"]):
+                return group
+        raise KeyError(f"{table.describe()} is not optimized by this optimizer")
+
+    def apply_gradient(
+        self, table: HashTable, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any] | None = None
+    ) -> None:
+        """One update of ``table``: the summed gradient ``grad`` of its distinct ``rows``.
+
+        The gradient is divided by ``grad_accum_steps`` (the mean over the window), rows
+        with a non-finite gradient are skipped when ``skip_nonfinite``, the table's step
+        count advances, and one fused kernel updates rows and slots
+        (``recis.ops.sparse_adam_update``, the formula of the subclass).
+        """
+        group = self.group_of(table) if group is None else group
         if self._grad_accum_steps > 1:
             grad = grad / self._grad_accum_steps
         state = self._table_state(table)
@@ -340,6 +365,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._grad_accum_steps, self._accum_phase = accum_steps, phase
         for group in self.param_groups:
             for table in group["params"]:
-                self._ensure_slots(table, group)
+                self.prepare_table(table, group)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -51,7 +51,7 @@ def _train(model, sparse, dense, schedule, steps):
 def _assert_same_run(a, b):
     ids = a[0].emb.ids()
     torch.testing.assert_close(b[0].emb.lookup(ids), a[0].emb.lookup(ids), rtol=0, atol=0)
-    rows_b = b[0].emb._id_map.find(ids)
+    rows_b = b[0].emb.store.find(ids)
     for name in a[0].emb.slot_names():
         torch.testing.assert_close(b[0].emb.slot(name)[rows_b], a[0].emb.slot(name), rtol=0, atol=0)
     torch.testing.assert_close(b[0].lin.weight, a[0].lin.weight, rtol=0, atol=0)

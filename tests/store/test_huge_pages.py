@@ -45,7 +45,7 @@ def test_a_large_zeroed_row_store_is_backed_by_huge_pages():
 def test_a_table_grown_past_a_few_huge_pages_keeps_its_rows_on_them():
     table = HashTable(32)
     table.assign(torch.arange(300_000), torch.ones(300_000, 32))
-    assert _huge_kib_in(table._weight) > 0
+    assert _huge_kib_in(table.weight) > 0
     torch.testing.assert_close(table.lookup(torch.tensor([0, 299_999])), torch.ones(2, 32))
 
 

@@ -2,29 +2,28 @@
 
 A table grows when it meets a new id in training mode. Its rows are not
 ``nn.Parameter``s: ``model.parameters()`` yields dense parameters only, and the
-table's gradient is kept as pending (row, gradient) pairs for a sparse optimizer of
-``recis.optim``. ``filter_out_sparse_param(model)`` finds the tables of a model.
+table's gradient is kept as values (row, gradient) in a ``GradientBuffer`` for a
+sparse optimizer of ``recis.optim``. ``filter_out_sparse_param(model)`` finds the
+tables of a model.
 
-Storage: a 2-D ``weight`` of ``len(table)`` rows of ``embedding_dim`` elements, in
-insertion order, plus the optimizer slots (one 2-D tensor per slot name, same rows).
-Rows and slots live in buffers with spare capacity that double when full, on
-transparent huge pages where Linux allows (``recis.ops.huge_pages``).
+Storage is a ``recis.store.RowStore`` (``table.store``): ids, rows in insertion
+order, and the optimizer slots. The table adds the differentiable lookup, the
+initializer of new rows, input checks and the module's state dict.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 from torch import nn
 
 from recis.nn.functional import GradReceiver, row_lookup
+from recis.nn.gradient_buffer import GradientBuffer
 from recis.nn.initializers import Initializer, default_initializer
-from recis.ops import IdMap, coalesce_rows
-from recis.ops.huge_pages import empty_rows, zero_rows
+from recis.store import RowStore
 
 _SLOT_PREFIX = "slots."
 _PENDING_IDS = "pending_grad.ids"
@@ -56,13 +55,6 @@ class HashTable(nn.Module):
     to the table (see ``pending_grad``), for a ``recis.optim`` sparse optimizer.
     """
 
-    # Set by without_tables_in_state_dict(): checkpoints stream rows themselves.
-    _state_dict_skips_tables = False
-
-    # Whether a pending gradient refers to rows of this table (a sharded table keeps
-    # gradients of ids owned elsewhere until the optimizer sends them to their owners).
-    _pending_needs_local_rows = True
-
     def __init__(
         self,
         embedding_shape: int | Sequence[int],
@@ -81,20 +73,21 @@ class HashTable(nn.Module):
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"HashTable seed must be in [-2**63, 2**63), got {seed}")
         self._embedding_shape = _normalize_shape(embedding_shape)
-        self._dtype = dtype
-        self._device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         self._initializer = initializer if initializer is not None else default_initializer(self._embedding_shape)
         self.name = name
         self.seed = seed
-        self._id_map = IdMap(self._device)
-        self._weight = torch.empty((0, self.embedding_dim), dtype=dtype, device=self._device)
-        self._slots: dict[str, torch.Tensor] = {}
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (rows, float32 grad, rows distinct)
-        self._generation = 0  # bumped when rows are renumbered (load), so stale gradients are refused
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
+        self._store = RowStore(self.embedding_dim, dtype, device)
+        self._grad = GradientBuffer()
         # A leaf requiring grad that every differentiable lookup hangs from.
-        self._grad_anchor = torch.empty(0, device=self._device, requires_grad=True)
+        self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def store(self) -> RowStore:
+        """The table's storage: ids, rows and optimizer slots."""
+        return self._store
+
     @property
     def embedding_shape(self) -> tuple[int, ...]:
         return self._embedding_shape
@@ -106,11 +99,11 @@ class HashTable(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._dtype
+        return self._store.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self._store.device
 
     @property
     def initializer(self) -> Initializer:
@@ -119,10 +112,10 @@ class HashTable(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """All rows, ``(len(self), embedding_dim)``, in the order of ``ids()``; a view."""
-        return self._weight[: len(self)]
+        return self._store.weight
 
     def __len__(self) -> int:
-        return len(self._id_map)
+        return len(self._store)
 
     def ids(self) -> torch.Tensor:
         """The ids present, in row order (the order of ``weight``)."""
@@ -130,15 +123,15 @@ class HashTable(nn.Module):
 
     def local_ids(self) -> torch.Tensor:
         """The ids stored in this process, in row order (for a sharded table: the local shard)."""
-        return self._id_map.keys_by_row()
+        return self._store.ids()
 
     def ids_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The ids stored in local ``rows``; costs O(len(rows)), not O(len(self))."""
-        return self._id_map.keys_of_rows(rows)
+        return self._store.ids_of(rows)
 
     def extra_repr(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""
-        return f"{label}embedding_shape={list(self._embedding_shape)}, dtype={self._dtype}, rows={len(self)}"
+        return f"{label}embedding_shape={list(self._embedding_shape)}, dtype={self.dtype}, rows={len(self)}"
 
     def describe(self) -> str:
         """A short label for error messages."""
@@ -146,51 +139,37 @@ class HashTable(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """Follow ``model.to(device)``, ``.cuda()``, ``.double()``, ``.half()``: move the table,
-        and cast its rows (optimizer slots keep their dtype)."""
-        probe = fn(torch.empty(0, dtype=self._dtype, device=self._device))
-        if probe.device != self._device:
-            self._move_to(probe.device)
-        if probe.dtype != self._dtype and probe.dtype.is_floating_point:
-            self._dtype = probe.dtype
-            self._weight = self._stored(self._weight, probe.dtype)
+        and cast its rows (optimizer slots keep their dtype). All or nothing."""
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        dtype = probe.dtype if probe.dtype.is_floating_point else self.dtype
+        if probe.device != self.device or dtype != self.dtype:
+            store = self._store.moved(probe.device, dtype)
+            anchor = torch.empty(0, device=probe.device, requires_grad=True)
+            self._grad.to(probe.device)
+            self._store, self._grad_anchor = store, anchor
         return super()._apply(fn, recurse)
-
-    def _move_to(self, device: torch.device) -> None:
-        ids = self.local_ids().to(device)
-        self._device = device
-        self._id_map = IdMap(device)
-        self._id_map.insert_new(ids)
-        self._weight = self._stored(self._weight[: len(ids)], self._dtype)
-        self._slots = {name: self._stored(slot[: len(ids)], slot.dtype) for name, slot in self._slots.items()}
-        self._pending = [
-            tuple(part.to(device) if isinstance(part, torch.Tensor) else part for part in entry)
-            for entry in self._pending
-        ]
-        self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
 
     # ------------------------------------------------------------------ reading
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = self._checked_ids(ids).reshape(-1)
+        flat = self.checked_ids(ids).reshape(-1)
         unique_ids, inverse = torch.unique(flat, return_inverse=True)
         if self.training:
-            rows = self._find_or_insert(unique_ids)
-            unique_values = self._weight.index_select(0, rows)
+            rows = self._store.find_or_insert(unique_ids, self.initial_values)
+            unique_values = self._store.gather(rows)
         else:
-            rows = self._id_map.find(unique_ids)
+            rows = self._store.find(unique_ids)
             unique_values = self._read_or_initial(unique_ids, rows)
-        receive = partial(self._accept_unique_grad, rows, self._generation, not self.training)
-        return self._differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
+        receive = partial(self._accept_unique_grad, rows, self._store.generation, not self.training)
+        return self.differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
 
-    def _differentiable(
-        self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver
-    ) -> torch.Tensor:
-        """Expand unique rows to the batch; with grad enabled, backward hands the per-unique gradient to ``receive``."""
+    def differentiable(self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver) -> torch.Tensor:
+        """``unique_values[inverse]``; with grad enabled, backward hands the per-unique gradient to ``receive``."""
         if torch.is_grad_enabled():
             return row_lookup(self._grad_anchor, unique_values, inverse, receive)
         return unique_values.index_select(0, inverse)
 
     def _accept_unique_grad(self, rows: torch.Tensor, generation: int, may_miss: bool, grad: torch.Tensor) -> None:
-        if generation != self._generation:
+        if generation != self._store.generation:
             raise RuntimeError(
                 f"{self.describe()} was reloaded between forward and backward: its rows were renumbered, "
                 "so this gradient cannot be applied"
@@ -198,21 +177,21 @@ class HashTable(nn.Module):
         if may_miss:  # eval-mode reads of absent ids have no row to receive a gradient
             present = rows >= 0
             rows, grad = rows[present], grad[present]
-        self._pending.append((rows, grad, True))
+        self._grad.add(rows, grad, distinct=True)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ids that are present, ``ids.shape + embedding_shape``; no insert, no grad.
 
         Raises ``KeyError`` naming the first absent id.
         """
-        ids = self._checked_ids(ids)
+        ids = self.checked_ids(ids)
         rows = self._rows_of_present(ids.reshape(-1))
-        return self._weight.index_select(0, rows).reshape(*ids.shape, *self._embedding_shape).clone()
+        return self._store.gather(rows).reshape(*ids.shape, *self._embedding_shape)
 
     @torch.no_grad()
     def peek(self, unique_ids: torch.Tensor) -> torch.Tensor:
         """Rows of distinct ids, ``(len(ids), embedding_dim)``; absent ids read as their initial value. No insert."""
-        return self._read_or_initial(unique_ids, self._id_map.find(unique_ids))
+        return self._read_or_initial(unique_ids, self._store.find(unique_ids))
 
     def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
         """The first value a new row for each id gets, ``(len(ids), embedding_dim)`` in the table dtype."""
@@ -222,7 +201,11 @@ class HashTable(nn.Module):
             raise ValueError(
                 f"{self.describe()}: initializer returned shape {tuple(values.shape)}, expected {expected}"
             )
-        return values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
+        return values.reshape(ids.numel(), self.embedding_dim).to(device=self.device, dtype=self.dtype)
+
+    def rows_for(self, unique_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of distinct ids, inserting absent ones with their initial values and zero slots."""
+        return self._store.find_or_insert(unique_ids, self.initial_values)
 
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
@@ -231,11 +214,11 @@ class HashTable(nn.Module):
 
         With repeated ids, the last value given for an id wins.
         """
-        self._assign_rows(*self._checked_assignment(ids, values))
+        self.assign_rows(*self.checked_assignment(ids, values))
 
-    def _checked_assignment(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def checked_assignment(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ids and ``(len(ids), embedding_dim)`` values in the table's dtype, or a clear error."""
-        ids = self._checked_ids(ids)
+        ids = self.checked_ids(ids)
         expected = (*ids.shape, *self._embedding_shape)
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
             got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
@@ -243,112 +226,69 @@ class HashTable(nn.Module):
         if tuple(values.shape) not in (expected, (ids.numel(), self.embedding_dim)):
             raise ValueError(f"{self.describe()}.assign: values have shape {tuple(values.shape)}, expected {expected}")
         ids = ids.reshape(-1)
-        return ids, values.reshape(ids.numel(), self.embedding_dim).to(device=self._device, dtype=self._dtype)
+        return ids, values.reshape(ids.numel(), self.embedding_dim).to(device=self.device, dtype=self.dtype)
 
-    def _assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+    @torch.no_grad()
+    def assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """``assign`` of checked flat ids and ``(len(ids), embedding_dim)`` values; the last value of an id wins."""
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
         last_position = torch.full_like(unique_ids, -1).scatter_reduce_(
-            0, inverse, torch.arange(ids.numel(), device=self._device), reduce="amax"
+            0, inverse, torch.arange(ids.numel(), device=self.device), reduce="amax"
         )
-        unique_values = values.index_select(0, last_position)
-        rows = self._find_or_insert(unique_ids, unique_values)
-        self._weight.index_copy_(0, rows, unique_values)
+        self.write_rows(unique_ids, values.index_select(0, last_position), {})
 
-    def _write_rows(
-        self, unique_ids: torch.Tensor, weight: torch.Tensor | None, slots: dict[str, torch.Tensor]
-    ) -> None:
-        """Insert or overwrite rows of distinct ids: their values (if given) and the given slots."""
-        rows = self._find_or_insert(unique_ids, None if weight is None else weight.to(self._dtype))
+    @torch.no_grad()
+    def write_rows(self, unique_ids: torch.Tensor, weight: torch.Tensor | None, slots: dict[str, torch.Tensor]) -> None:
+        """Insert or overwrite rows of distinct ids: their values (if given) and the given registered slots."""
         if weight is not None:
-            self._weight.index_copy_(0, rows, weight.to(device=self._device, dtype=self._dtype))
-        for name, values in slots.items():
-            if name in self._slots:
-                slot = self._slots[name]
-                slot.index_copy_(0, rows, values.to(device=self._device, dtype=slot.dtype))
-
-    def _find_or_insert(self, unique_ids: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of distinct ids; absent ids get new rows (``values`` if given, else initial ones) and zero slots."""
-        rows = self._id_map.find(unique_ids)
-        absent = rows < 0
-        if not bool(absent.any()):
-            return rows
-        new_ids = unique_ids[absent]
-        # computed before any change: a failing initializer changes nothing
-        new_values = values[absent] if values is not None else self.initial_values(new_ids)
-        self._reserve(len(self) + new_ids.numel())
-        new_rows = self._id_map.insert_new(new_ids)
-        self._weight.index_copy_(0, new_rows, new_values)
-        for slot in self._slots.values():
-            slot.index_fill_(0, new_rows, 0)
-        rows[absent] = new_rows
-        return rows
+            weight = weight.to(device=self.device, dtype=self.dtype)
+        rows = self._store.find_or_insert(unique_ids, self.initial_values if weight is None else weight)
+        self._store.scatter(rows, weight, slots)
 
     def reserve(self, row_count: int) -> None:
         """Make room for ``row_count`` rows (and their slots) at once, instead of growing by doubling."""
-        if row_count > self._weight.shape[0]:
-            self._resize(row_count)
+        self._store.reserve(row_count)
 
-    def _reserve(self, row_count: int) -> None:
-        capacity = self._weight.shape[0]
-        if row_count > capacity:
-            self._resize(max(row_count, 2 * capacity, 16))
-
-    def _resize(self, new_capacity: int) -> None:
-        self._weight = self._grown(self._weight, new_capacity)
-        self._slots = {name: self._grown(slot, new_capacity) for name, slot in self._slots.items()}
-
-    def _grown(self, storage: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = empty_rows((capacity, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
-        grown[: len(self)] = storage[: len(self)]
-        grown[len(self) :].zero_()
-        return grown
-
-    def _stored(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A new row store on this table's device holding ``values`` as ``dtype``."""
-        storage = empty_rows(tuple(values.shape), dtype=dtype, device=self._device)
-        storage.copy_(values)
-        return storage
+    def clear(self) -> None:
+        """Remove every row and any pending gradient (slot registrations stay)."""
+        self._store.clear()
+        self._grad.clear()
 
     # ------------------------------------------------------------------ optimizer slots
     def check_slot(self, name: str, width: int, dtype: torch.dtype) -> None:
         """Raise unless ``add_slot(name, width, dtype)`` would succeed; changes nothing."""
-        existing = self._slots.get(name)
-        if existing is not None and (existing.shape[1] != width or existing.dtype != dtype):
-            raise ValueError(
-                f"{self.describe()}: slot {name!r} exists with width {existing.shape[1]} and dtype "
-                f"{existing.dtype}; asked for width {width} and dtype {dtype}"
-            )
+        problem = self._store.check_slot(name, width, dtype)
+        if problem:
+            raise ValueError(f"{self.describe()}: {problem}")
 
     def add_slot(self, name: str, width: int, dtype: torch.dtype) -> torch.Tensor:
         """Register a per-row optimizer slot of ``width`` elements (zeros), or return the existing one."""
         self.check_slot(name, width, dtype)
-        if name in self._slots:
-            return self.slot(name)
-        self._slots[name] = zero_rows((self._weight.shape[0], width), dtype=dtype, device=self._device)
+        self._store.add_slot(name, width, dtype)
         return self.slot(name)
 
     def slot(self, name: str) -> torch.Tensor:
         """The slot ``name`` of every row, ``(len(self), width)``; a view."""
-        if name not in self._slots:
-            raise KeyError(f"{self.describe()} has no slot {name!r}; it has {sorted(self._slots)}")
-        return self._slots[name][: len(self)]
+        if not self._store.has_slot(name):
+            raise KeyError(f"{self.describe()} has no slot {name!r}; it has {self.slot_names()}")
+        return self._store.slot(name)
 
     def drop_slots(self) -> None:
         """Forget every optimizer slot (for a replica whose slots are kept elsewhere)."""
-        self._slots = {}
+        self._store.drop_slots()
 
     def slot_names(self) -> list[str]:
-        return sorted(self._slots)
+        return self._store.slot_names()
 
     # ------------------------------------------------------------------ gradients
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
-        flat_ids, grad = self._checked_gradient(ids, grad)
-        self._accept_row_grad(self._rows_of_present(flat_ids), grad)
+        flat_ids, grad = self.checked_gradient(ids, grad)
+        self._grad.add(self._rows_of_present(flat_ids), grad, distinct=False)
 
-    def _checked_gradient(self, ids: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def checked_gradient(self, ids: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat int64 ids and ``(len(ids), embedding_dim)`` gradient rows, or a clear error."""
-        ids = self._checked_ids(ids)
+        ids = self.checked_ids(ids)
         expected = (*ids.shape, *self._embedding_shape)
         if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
             raise TypeError(
@@ -356,50 +296,52 @@ class HashTable(nn.Module):
             )
         if tuple(grad.shape) != expected:
             raise ValueError(f"{self.describe()}: gradient has shape {tuple(grad.shape)}, expected {expected}")
-        if grad.device != self._device:
-            raise ValueError(f"{self.describe()}: gradient is on {grad.device}, the table on {self._device}")
+        if grad.device != self.device:
+            raise ValueError(f"{self.describe()}: gradient is on {grad.device}, the table on {self.device}")
         return ids.reshape(-1), grad.reshape(-1, self.embedding_dim)
 
-    def _accept_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """Add a gradient of ``rows`` (possibly repeated) to the pending gradient."""
-        self._pending.append((rows, grad.to(torch.promote_types(grad.dtype, torch.float32)), False))
+    @property
+    def grad_buffer(self) -> GradientBuffer:
+        """Where backward leaves the table's gradient (keyed by row here, by id in a sharded table)."""
+        return self._grad
 
     @property
     def has_grad(self) -> bool:
         """Whether a gradient (possibly of zero rows) arrived since the last ``clear_grad``."""
-        return bool(self._pending)
+        return bool(self._grad)
 
     def pending_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The gradient received since ``clear_grad``, summed per row: ``(rows, grad)``.
 
         ``rows`` is distinct; ``grad`` is float32 ``(len(rows), embedding_dim)``. None when
         no gradient arrived (a table unused in the batch). Do not modify the result in
-        place: it may be the stored pending gradient itself.
+        place: it is the stored pending gradient itself.
         """
-        if not self._pending:
-            return None
-        if len(self._pending) == 1 and self._pending[0][2]:  # one backward: already one row per id
-            return self._pending[0][0], self._pending[0][1]
-        rows = torch.cat([rows for rows, _, _ in self._pending])
-        grads = torch.cat([grad for _, grad, _ in self._pending])
-        return coalesce_rows(rows, grads)
+        return self._grad.summed()
+
+    def grad_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pending gradient keyed by id, ``(distinct ids, float32 rows)``, or None."""
+        pending = self.pending_grad()
+        return None if pending is None else (self.ids_of_rows(pending[0]), pending[1])
+
+    def restore_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        """Make ``(distinct ids, rows)`` the pending gradient, as ``grad_by_id`` returned it (a checkpoint's)."""
+        self._grad.clear()
+        self._grad.add(self._store.find(ids.to(self.device)), grad.to(self.device), distinct=True)
 
     def clear_grad(self) -> None:
-        self._pending = []
+        self._grad.clear()
 
     # ------------------------------------------------------------------ state dict
     # Keys under the table's prefix: "ids", "weight", "slots.<name>" for each optimizer
     # slot, and, while a gradient is pending (mid-accumulation), "pending_grad.ids" and
     # "pending_grad.values", so that a checkpoint taken between updates resumes exactly.
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        if HashTable._state_dict_skips_tables:
-            return
-        ids = self.local_ids()
-        destination[prefix + "ids"] = ids
+        destination[prefix + "ids"] = self.local_ids()
         destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
         for name in self.slot_names():
             destination[prefix + _SLOT_PREFIX + name] = self.slot(name).detach()
-        pending = self._pending_by_id()
+        pending = self.grad_by_id()
         if pending is not None:
             destination[prefix + _PENDING_IDS], destination[prefix + _PENDING_VALUES] = pending
 
@@ -427,17 +369,14 @@ class HashTable(nn.Module):
             error_msgs.append(f"{self.describe()} at {prefix or '<root>'}: {problem}")
             return
         slots = {key[len(_SLOT_PREFIX) :]: value for key, value in ours.items() if key.startswith(_SLOT_PREFIX)}
-        self._restore(ours["ids"], ours["weight"], slots)
+        self.load_rows(ours["ids"], ours["weight"], slots)
         if _PENDING_IDS in ours:
-            self._restore_pending(ours[_PENDING_IDS].to(self._device), ours[_PENDING_VALUES].to(self._device))
+            self.restore_grad(ours[_PENDING_IDS], ours[_PENDING_VALUES])
 
-    def _pending_by_id(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The pending gradient as (ids, float32 rows) for a checkpoint, or None."""
-        pending = self.pending_grad()
-        return None if pending is None else (self.ids_of_rows(pending[0]), pending[1])
-
-    def _restore_pending(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
-        self._accept_row_grad(self._id_map.find(ids), grad)
+    def load_rows(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
+        """Replace every row by distinct ``ids`` with their rows and slots; drops the pending gradient."""
+        self._store.load(ids, weight, slots)
+        self._grad.clear()
 
     def _state_problem(self, ours: dict) -> str | None:
         """What is wrong with a state to load, or None; checked before anything changes."""
@@ -450,7 +389,8 @@ class HashTable(nn.Module):
         problem = _matrix_problem("weight", weight, count, self.embedding_dim, self._embedding_shape)
         for key, value in ours.items():
             if problem is None and key.startswith(_SLOT_PREFIX):
-                registered = self._slots.get(key[len(_SLOT_PREFIX) :])
+                name = key[len(_SLOT_PREFIX) :]
+                registered = self._store.slot(name) if self._store.has_slot(name) else None
                 width = registered.shape[1] if registered is not None else getattr(value, "shape", (0, 0))[-1]
                 problem = _matrix_problem(key, value, count, width)
         if problem is None and (_PENDING_IDS in ours) != (_PENDING_VALUES in ours):
@@ -459,39 +399,30 @@ class HashTable(nn.Module):
             pending_ids = ours[_PENDING_IDS]
             if not isinstance(pending_ids, torch.Tensor) or pending_ids.dtype != torch.int64 or pending_ids.dim() != 1:
                 return f"'{_PENDING_IDS}' must be a 1-D int64 tensor"
-            if self._pending_needs_local_rows and not bool(torch.isin(pending_ids, ids).all()):
-                return f"'{_PENDING_IDS}' names ids that are not in 'ids'"
-            problem = _matrix_problem(_PENDING_VALUES, ours[_PENDING_VALUES], pending_ids.numel(), self.embedding_dim)
+            problem = self._pending_ids_problem(pending_ids, ids) or _matrix_problem(
+                _PENDING_VALUES, ours[_PENDING_VALUES], pending_ids.numel(), self.embedding_dim
+            )
         return problem
 
-    def _restore(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
-        count = ids.numel()
-        self._generation += 1
-        self._id_map.clear()
-        self._id_map.insert_new(ids.to(self._device))
-        self._weight = self._stored(weight.reshape(count, self.embedding_dim), self._dtype)
-        restored = {}
-        for name, value in slots.items():
-            dtype = self._slots[name].dtype if name in self._slots else value.dtype
-            restored[name] = self._stored(value, dtype)
-        for name, slot in self._slots.items():  # registered slots absent from the state start at zero
-            if name not in restored:
-                restored[name] = zero_rows((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
-        self._slots = restored
-        self._pending = []
+    def _pending_ids_problem(self, pending_ids: torch.Tensor, ids: torch.Tensor) -> str | None:
+        """A pending gradient is kept by row, so its ids must be among the loaded ones."""
+        if not bool(torch.isin(pending_ids, ids).all()):
+            return f"'{_PENDING_IDS}' names ids that are not in 'ids'"
+        return None
 
     # ------------------------------------------------------------------ id checks
-    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` as int64 on the table's device, or a clear ``TypeError``/``ValueError``."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"{self.describe()}: ids must be an int64 tensor, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"{self.describe()}: ids must be an int64 tensor, got dtype {ids.dtype}")
-        if ids.device != self._device:
-            raise ValueError(f"{self.describe()}: ids are on {ids.device}, the table is on {self._device}")
+        if ids.device != self.device:
+            raise ValueError(f"{self.describe()}: ids are on {ids.device}, the table is on {self.device}")
         return ids.to(torch.int64)
 
     def _rows_of_present(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        rows = self._id_map.find(flat_ids)
+        rows = self._store.find(flat_ids)
         absent = rows < 0
         if bool(absent.any()):
             first = int(flat_ids[absent][0])
@@ -500,21 +431,18 @@ class HashTable(nn.Module):
 
     def _read_or_initial(self, unique_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         absent = rows < 0
-        values = torch.empty((rows.numel(), self.embedding_dim), dtype=self._dtype, device=self._device)
-        values[~absent] = self._weight.index_select(0, rows[~absent])
-        if bool(absent.any()):
-            values[absent] = self.initial_values(unique_ids[absent])
+        if not bool(absent.any()):
+            return self._store.gather(rows)
+        values = torch.empty((rows.numel(), self.embedding_dim), dtype=self.dtype, device=self.device)
+        values[~absent] = self._store.gather(rows[~absent])
+        values[absent] = self.initial_values(unique_ids[absent])
         return values
 
-
-@contextmanager
-def without_tables_in_state_dict() -> Iterator[None]:
-    """Within this block, ``model.state_dict()`` leaves tables out (their rows are streamed elsewhere)."""
-    HashTable._state_dict_skips_tables = True
-    try:
-        yield
-    finally:
-        HashTable._state_dict_skips_tables = False
+    def read_or_initial(self, unique_ids: torch.Tensor, insert: bool) -> torch.Tensor:
+        """Rows of distinct ids: inserted if absent when ``insert``, else absent ids read their initial value."""
+        if insert:
+            return self._store.gather(self.rows_for(unique_ids))
+        return self.peek(unique_ids)
 
 
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:

@@ -1,6 +1,6 @@
 """What a training run holds in tables, and who saves it.
 
-A *row store* is a HashTable whose rows a checkpoint streams to disk:
+A *saved table* is a HashTable whose rows a checkpoint streams to disk:
 
 - every ``HashTable``/``ShardedHashTable`` of the model, under its module path (role
   ``rows``: ids, rows and any slots it holds);
@@ -23,13 +23,13 @@ from torch import nn
 
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.dist.sharded_optimizer import ShardedOptimizer
-from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param, without_tables_in_state_dict
+from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
 
 ROWS, OWNER_SLOTS = "rows", "owner_slots"
 
 
 @dataclass
-class RowStore:
+class SavedTable:
     key: str  # the table's module path in the model
     role: str  # ROWS or OWNER_SLOTS
     table: HashTable
@@ -48,7 +48,7 @@ class RowStore:
         return fields
 
 
-def row_stores(model: nn.Module, optimizers: tuple[Any, ...], world_size: int) -> list[RowStore]:
+def saved_tables(model: nn.Module, optimizers: tuple[Any, ...], world_size: int) -> list[SavedTable]:
     shards = {}
     for optimizer in optimizers:
         if isinstance(optimizer, ShardedOptimizer):
@@ -56,9 +56,9 @@ def row_stores(model: nn.Module, optimizers: tuple[Any, ...], world_size: int) -
     stores = []
     for key, table in filter_out_sparse_param(model).items():
         sharded = isinstance(table, ShardedHashTable)
-        stores.append(RowStore(key, ROWS, table, partitioned=sharded))
+        stores.append(SavedTable(key, ROWS, table, partitioned=sharded))
         if id(table) in shards:
-            stores.append(RowStore(key, OWNER_SLOTS, shards[id(table)], partitioned=True))
+            stores.append(SavedTable(key, OWNER_SLOTS, shards[id(table)], partitioned=True))
     return stores
 
 
@@ -67,6 +67,11 @@ def table_prefixes(model: nn.Module) -> list[str]:
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, Any]:
-    """``model.state_dict()`` without the tables' entries (those are streamed as row stores)."""
-    with without_tables_in_state_dict():
-        return model.state_dict()
+    """``model.state_dict()`` without the tables' entries (those are streamed as saved tables).
+
+    The tables' entries are views, so leaving them out copies nothing.
+    """
+    prefixes = tuple(table_prefixes(model))
+    if "" in prefixes:
+        return {}
+    return {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}

@@ -1,0 +1,224 @@
+"""RowStore: the storage of one table, and the only code that touches it.
+
+A row store maps int64 ids to dense rows ``0 .. len(store) - 1`` (insertion order) and
+holds, for every row, its value (``weight``, ``dim`` elements of ``dtype``) and the
+optimizer slots registered on it (one 2-D tensor per slot name, same rows). Rows and
+slots live in buffers with spare capacity that double when full, on transparent huge
+pages where Linux allows (``recis.ops.huge_pages``).
+
+Row numbers are stable until the store is renumbered (``load``, ``remove``, ``clear``,
+a move to another device); ``generation`` counts those renumberings, so a holder of
+row numbers (a pending gradient) can tell that they went stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from recis.ops import IdMap
+from recis.ops.huge_pages import empty_rows, zero_rows
+
+# The first values of new rows: a function of the new ids, or values for all the ids asked for.
+NewRows = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+
+
+class RowStore:
+    """Ids, rows and optimizer slots of one table on one device.
+
+    Args:
+        dim: elements per row.
+        dtype: dtype of the rows (slots keep their own dtype).
+        device: where ids, rows and slots live.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, *, generation: int = 0) -> None:
+        self._dim = dim
+        self._dtype = dtype
+        self._device = device
+        self._id_map = IdMap(device)
+        self._weight = torch.empty((0, dim), dtype=dtype, device=device)
+        self._slots: dict[str, torch.Tensor] = {}
+        self._generation = generation
+
+    # ------------------------------------------------------------------ shape
+    def __len__(self) -> int:
+        return len(self._id_map)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def capacity(self) -> int:
+        """Rows that fit before the buffers grow."""
+        return self._weight.shape[0]
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever rows are renumbered; row numbers of an older generation are stale."""
+        return self._generation
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """All rows, ``(len(self), dim)``, in row order; a view."""
+        return self._weight[: len(self)]
+
+    # ------------------------------------------------------------------ ids and rows
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row of each 1-D int64 id, -1 where absent."""
+        return self._id_map.find(ids)
+
+    def find_or_insert(self, unique_ids: torch.Tensor, new_rows: NewRows) -> torch.Tensor:
+        """Rows of distinct ids; absent ids get new rows and zero slots.
+
+        A new row's value is ``new_rows(absent ids)`` when ``new_rows`` is a function (run
+        before anything changes, so a failing initializer changes nothing), or its entry
+        in ``new_rows`` when that is a tensor of values for all of ``unique_ids``.
+        """
+        rows = self._id_map.find(unique_ids)
+        absent = rows < 0
+        if not bool(absent.any()):
+            return rows
+        new_ids = unique_ids[absent]
+        values = new_rows[absent] if isinstance(new_rows, torch.Tensor) else new_rows(new_ids)
+        self.reserve_growing(len(self) + new_ids.numel())
+        inserted = self._id_map.insert_new(new_ids)
+        self._weight.index_copy_(0, inserted, values.to(self._dtype))
+        for slot in self._slots.values():
+            slot.index_fill_(0, inserted, 0)
+        rows[absent] = inserted
+        return rows
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The values of ``rows``, ``(len(rows), dim)``; a copy."""
+        return self._weight.index_select(0, rows)
+
+    def scatter(self, rows: torch.Tensor, values: torch.Tensor | None, slots: dict[str, torch.Tensor] = {}) -> None:  # noqa: B006 (read only)
+        """Overwrite the values of distinct ``rows`` (when given) and the named slots' entries."""
+        if values is not None:
+            self._weight.index_copy_(0, rows, values.to(device=self._device, dtype=self._dtype))
+        for name, entries in slots.items():
+            if name in self._slots:
+                slot = self._slots[name]
+                slot.index_copy_(0, rows, entries.to(device=self._device, dtype=slot.dtype).reshape(-1, slot.shape[1]))
+
+    def ids(self) -> torch.Tensor:
+        """Every id, in row order."""
+        return self._id_map.keys_by_row()
+
+    def ids_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The ids stored in ``rows``; O(len(rows))."""
+        return self._id_map.keys_of_rows(rows)
+
+    def remove(self, ids: torch.Tensor) -> int:
+        """Remove the present ids among ``ids`` with their rows and slots; returns how many.
+
+        The remaining rows are renumbered (kept in order), in O(len(self)).
+        """
+        rows = self._id_map.find(ids)
+        rows = torch.unique(rows[rows >= 0])
+        if rows.numel() == 0:
+            return 0
+        keep = torch.ones(len(self), dtype=torch.bool, device=self._device)
+        keep[rows] = False
+        self.load(self.ids()[keep], self.weight[keep], {name: self.slot(name)[keep] for name in self._slots})
+        return rows.numel()
+
+    def clear(self) -> None:
+        """Remove every row (slot registrations stay)."""
+        self.load(torch.empty(0, dtype=torch.int64, device=self._device), self.weight[:0], {})
+
+    # ------------------------------------------------------------------ capacity
+    def reserve(self, row_count: int) -> None:
+        """Make room for ``row_count`` rows (and their slots) at once."""
+        if row_count > self.capacity:
+            self._resize(row_count)
+
+    def reserve_growing(self, row_count: int) -> None:
+        """Make room for ``row_count`` rows, at least doubling the buffers (amortized O(1) per row)."""
+        if row_count > self.capacity:
+            self._resize(max(row_count, 2 * self.capacity, 16))
+
+    def _resize(self, capacity: int) -> None:
+        self._weight = self._grown(self._weight, capacity)
+        self._slots = {name: self._grown(slot, capacity) for name, slot in self._slots.items()}
+
+    def _grown(self, storage: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = empty_rows((capacity, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
+        grown[: len(self)] = storage[: len(self)]
+        grown[len(self) :].zero_()
+        return grown
+
+    # ------------------------------------------------------------------ slots
+    def check_slot(self, name: str, width: int, dtype: torch.dtype) -> str | None:
+        """Why ``add_slot(name, width, dtype)`` would fail, or None."""
+        existing = self._slots.get(name)
+        if existing is not None and (existing.shape[1] != width or existing.dtype != dtype):
+            return (
+                f"slot {name!r} exists with width {existing.shape[1]} and dtype {existing.dtype}; "
+                f"asked for width {width} and dtype {dtype}"
+            )
+        return None
+
+    def add_slot(self, name: str, width: int, dtype: torch.dtype) -> None:
+        """Register a per-row slot of ``width`` elements, zero for every row; no-op if it exists alike."""
+        problem = self.check_slot(name, width, dtype)
+        if problem:
+            raise ValueError(problem)
+        if name not in self._slots:
+            self._slots[name] = zero_rows((self.capacity, width), dtype=dtype, device=self._device)
+
+    def slot(self, name: str) -> torch.Tensor:
+        """The slot ``name`` of every row, ``(len(self), width)``; a view."""
+        return self._slots[name][: len(self)]
+
+    def has_slot(self, name: str) -> bool:
+        return name in self._slots
+
+    def slot_names(self) -> list[str]:
+        return sorted(self._slots)
+
+    def drop_slots(self) -> None:
+        self._slots = {}
+
+    # ------------------------------------------------------------------ whole-store changes
+    def load(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
+        """Replace the whole content by distinct ``ids`` with their rows and slots.
+
+        Registered slots absent from ``slots`` start at zero; a slot in ``slots`` not yet
+        registered is registered with the given dtype. Rows are renumbered.
+        """
+        count = ids.numel()
+        id_map = IdMap(self._device)
+        id_map.insert_new(ids.to(self._device))
+        new_weight = self._stored(weight.reshape(count, self._dim), self._dtype)
+        new_slots = {}
+        for name, values in slots.items():
+            dtype = self._slots[name].dtype if name in self._slots else values.dtype
+            new_slots[name] = self._stored(values.reshape(count, -1), dtype)
+        for name, slot in self._slots.items():
+            if name not in new_slots:
+                new_slots[name] = zero_rows((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
+        self._id_map, self._weight, self._slots = id_map, new_weight, new_slots
+        self._generation += 1
+
+    def moved(self, device: torch.device, dtype: torch.dtype) -> RowStore:
+        """A copy on ``device`` with rows cast to ``dtype`` (slots keep theirs); this store is unchanged."""
+        copy = RowStore(self._dim, dtype, device, generation=self._generation)
+        copy.load(self.ids(), self.weight, {name: self.slot(name) for name in self._slots})
+        return copy
+
+    def _stored(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        storage = empty_rows(tuple(values.shape), dtype=dtype, device=self._device)
+        storage.copy_(values)
+        return storage
