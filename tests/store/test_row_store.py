@@ -1,0 +1,114 @@
+"""RowStore: ids to rows, rows and slots, and the changes that renumber rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recis.store import RowStore
+
+CPU = torch.device("cpu")
+
+
+def _ids(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _tens(ids: torch.Tensor) -> torch.Tensor:
+    """First values of new rows: the id times ten, in both columns."""
+    return (ids.double() * 10).reshape(-1, 1).expand(-1, 2).float()
+
+
+def _store_with(*values: int) -> RowStore:
+    store = RowStore(2, torch.float32, CPU)
+    store.add_slot("m", 2, torch.float32)
+    store.find_or_insert(_ids(*values), _tens)
+    return store
+
+
+def test_find_or_insert_numbers_new_rows_in_order_and_finds_present_ones():
+    store = _store_with(7, -3)
+    rows = store.find_or_insert(_ids(-3, 2**63 - 1, 7, -(2**63)), _tens)
+    assert rows.tolist() == [1, 2, 0, 3]
+    assert store.find(_ids(7, 5)).tolist() == [0, -1]
+    assert torch.equal(store.ids(), _ids(7, -3, 2**63 - 1, -(2**63)))
+    assert torch.equal(store.ids_of(torch.tensor([3, 0])), _ids(-(2**63), 7))
+
+
+def test_new_rows_take_given_values_or_the_function_of_their_ids_and_zero_slots():
+    store = _store_with(1)
+    store.scatter(torch.tensor([0]), None, {"m": torch.ones(1, 2)})
+    given = torch.tensor([[9.0, 9.0], [8.0, 8.0]])
+    rows = store.find_or_insert(_ids(1, 4), given)
+    assert torch.equal(store.gather(rows), torch.tensor([[10.0, 10.0], [8.0, 8.0]]))  # present row kept
+    assert store.slot("m").tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+def test_a_failing_initializer_changes_nothing():
+    store = _store_with(1, 2)
+
+    def failing(ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("initializer failed")
+
+    with pytest.raises(RuntimeError, match="initializer failed"):
+        store.find_or_insert(_ids(3, 1), failing)
+    assert len(store) == 2 and store.find(_ids(3)).tolist() == [-1]
+
+
+def test_scatter_writes_rows_and_registered_slots_only():
+    store = _store_with(1, 2)
+    store.scatter(
+        torch.tensor([1]), torch.tensor([[5.0, 6.0]]), {"m": torch.tensor([[1.0, 2.0]]), "v": torch.ones(1, 2)}
+    )
+    assert store.weight.tolist() == [[10.0, 10.0], [5.0, 6.0]]
+    assert store.slot("m").tolist() == [[0.0, 0.0], [1.0, 2.0]]
+    assert store.slot_names() == ["m"]
+
+
+def test_growth_keeps_rows_and_slots():
+    store = _store_with(*range(10))
+    store.scatter(torch.arange(10), None, {"m": torch.arange(20.0).reshape(10, 2)})
+    store.find_or_insert(torch.arange(10, 1000), _tens)
+    assert store.capacity >= 1000
+    assert torch.equal(store.gather(store.find(torch.arange(1000))), _tens(torch.arange(1000)))
+    assert torch.equal(store.slot("m")[:10], torch.arange(20.0).reshape(10, 2))
+    assert not store.slot("m")[10:].any()
+
+
+def test_remove_drops_rows_keeps_the_rest_in_order_and_renumbers():
+    store = _store_with(5, 6, 7, 8)
+    store.scatter(torch.arange(4), None, {"m": torch.arange(8.0).reshape(4, 2)})
+    generation = store.generation
+    assert store.remove(_ids(6, 8, 99, 6)) == 2
+    assert torch.equal(store.ids(), _ids(5, 7))
+    assert store.weight.tolist() == [[50.0, 50.0], [70.0, 70.0]]
+    assert store.slot("m").tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    assert store.find(_ids(6, 7)).tolist() == [-1, 1]
+    assert store.generation == generation + 1
+    assert store.remove(_ids(99)) == 0 and store.generation == generation + 1
+
+
+def test_load_replaces_everything_and_starts_absent_slots_at_zero():
+    store = _store_with(1, 2, 3)
+    store.load(_ids(40, 50), torch.ones(2, 2), {})
+    assert torch.equal(store.ids(), _ids(40, 50))
+    assert store.find(_ids(1)).tolist() == [-1]
+    assert store.slot("m").tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_moved_copies_to_a_dtype_and_leaves_the_original_unchanged():
+    store = _store_with(1, 2)
+    copy = store.moved(CPU, torch.float64)
+    assert copy.dtype == torch.float64 and copy.slot("m").dtype == torch.float32
+    assert torch.equal(copy.weight, store.weight.double())
+    assert copy.generation > store.generation
+    copy.find_or_insert(_ids(3), _tens)
+    assert len(store) == 2
+
+
+def test_an_incompatible_slot_is_refused_with_the_reason():
+    store = _store_with(1)
+    assert store.check_slot("m", 3, torch.float32) is not None
+    with pytest.raises(ValueError, match="slot 'm' exists with width 2"):
+        store.add_slot("m", 3, torch.float32)
+    store.add_slot("m", 2, torch.float32)  # the same registration again is a no-op
