@@ -103,7 +103,7 @@ def exchange(
             size += length
         send_split.append(size)
     recv_split = [sum(count * row_bytes[b] for b, count in enumerate(recv_counts[r])) for r in range(world_size)]
-    payload = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=blocks[0].device)
+    payload = flat[0] if len(flat) == 1 else torch.cat(pieces)  # one block is already in rank order
     received = payload.new_empty(sum(recv_split))
     dist.all_to_all_single(received, payload, recv_split, send_split, group=group)
     traffic.bytes_sent += sum(send_split) - send_split[rank]
@@ -121,11 +121,19 @@ def _unpack(
             length = count * row_bytes[b]
             parts[b].append(received[offset : offset + length])
             offset += length
-    out = []
-    for block, pieces in zip(like, parts):
-        joined = torch.cat(pieces)  # a fresh tensor: aligned for the view below
-        out.append(joined.view(block.dtype).reshape(-1, *block.shape[1:]))
-    return out
+    return [_joined(pieces).view(block.dtype).reshape(-1, *block.shape[1:]) for block, pieces in zip(like, parts)]
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces as one tensor: a view when they lie end to end from offset 0 (one block), else a copy.
+
+    A copy starts at offset 0, so viewing it as a wider dtype is always aligned.
+    """
+    start = pieces[0].storage_offset()
+    adjacent = all(b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(pieces, pieces[1:]))
+    if start == 0 and adjacent:
+        return pieces[0].as_strided((sum(piece.numel() for piece in pieces),), (1,), 0)
+    return torch.cat(pieces)
 
 
 @dataclass
