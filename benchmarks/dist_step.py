@@ -491,7 +491,8 @@ def main() -> None:
     started = time.perf_counter()
     times, calls = measure(cases, args.repeats, args.warmup)
     seconds = time.perf_counter() - started
-    print(f"{args.repeats} counted rounds after {args.warmup} warm-up rounds; {seconds:.0f} s in all\n")
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"{args.repeats} counted rounds after {args.warmup} warm-up rounds; {seconds:.0f} s; load average {load}\n")
     print("\n".join(report(cases, times, calls)))
     details = call_details(calls)
     if details:
