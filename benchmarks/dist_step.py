@@ -3,7 +3,8 @@
     python benchmarks/dist_step.py [--cases a b c d] [--repeats N]    # default: a b c d
     python benchmarks/dist_step.py --cases s                          # 1, 2 and 4 ranks, smaller table
 
-Cases (each a measured step and its baseline; the ratio is measured / baseline):
+Cases (each a measured step and its baseline; the ratio is measured / baseline, of the
+medians and, as "paired", the median of the per-round ratios):
   a  ShardedHashTable + ShardedOptimizer(SparseAdamW) in a gloo world of ONE rank, against
      the plain step (HashTable forward + backward + SparseAdamW.step()) in the same process;
      2 threads; 1M x 64 fp32 rows present, 65,536 ids drawn at random from them.  Target <= 1.15.
@@ -443,24 +444,30 @@ def calls_text(phases: dict[str, Counter]) -> str:
 
 
 def report(cases: list[Case], times: dict, calls: dict) -> list[str]:
-    """Markdown rows: every case's measured run and its baseline."""
+    """Markdown rows: every case's baseline and measured run.
+
+    ratio: median of the measured run over median of the baseline. paired: the median over
+    rounds of measured / baseline within the same round (neighbours in time, so less hit
+    by a load that changes between rounds).
+    """
     lines = [
-        "| case | what | world | variant | median ms | min-max ms | ratio | target "
+        "| case | what | world | variant | median ms | min-max ms | ratio | paired | target "
         "| collectives fwd / bwd / update | MB sent |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
-        base = statistics.median(times[case.baseline])
-        for run, label in ((case.baseline, "baseline"), (case.measured, "measured")):
-            median = statistics.median(times[run])
-            ratio = f"{median / base:.2f}x" if label == "measured" else "1"
-            target = f"<= {case.target}x" if case.target and label == "measured" else ""
-            spread = f"{min(times[run]) * 1e3:.1f}-{max(times[run]) * 1e3:.1f}"
+        base = times[case.baseline]
+        for run in (case.baseline, case.measured):
+            ours, measured = times[run], run == case.measured
+            ratio = f"{statistics.median(ours) / statistics.median(base):.2f}x" if measured else "1"
+            paired = f"{statistics.median(a / b for a, b in zip(ours, base)):.2f}x" if measured else ""
+            target = f"<= {case.target}x" if case.target and measured else ""
+            spread = f"{min(ours) * 1e3:.1f}-{max(ours) * 1e3:.1f}"
             world, variant = run
             lines.append(
-                f"| {case.name} | {case.what if label == 'measured' else 'baseline'} | {world} | {variant} "
-                f"| {median * 1e3:.1f} | {spread} | {ratio} | {target} | {calls_text(calls[run]['calls'])} "
-                f"| {calls[run]['bytes'] / 1e6:.2f} |"
+                f"| {case.name} | {case.what if measured else 'baseline'} | {world} | {variant} "
+                f"| {statistics.median(ours) * 1e3:.1f} | {spread} | {ratio} | {paired} | {target} "
+                f"| {calls_text(calls[run]['calls'])} | {calls[run]['bytes'] / 1e6:.2f} |"
             )
     return lines
 
