@@ -491,7 +491,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["a", "b", "c", "d"])
     parser.add_argument("--repeats", type=int, default=15, help="counted rounds (every variant steps once per round)")
-    parser.add_argument("--warmup", type=int, default=3, help="rounds run first and not counted")
+    parser.add_argument("--warmup", type=int, default=6, help="rounds run first and not counted")
     args = parser.parse_args()
     cases = without_missing_peers([case for name in args.cases for case in CASES[name]])
     print(f"machine: {machine()}")
