@@ -21,8 +21,12 @@ medians and, as "paired", the median of the per-round ratios):
   s  (not in the default) the sharded step on 1, 2 and 4 ranks sharing the 2 cores, one table
      of 262,144 x 64 rows, a global batch of 16,384 ids; ratio against 1 rank.
 
-How: every variant runs in its own long-lived processes (a "world": 1 process with 2 threads,
-or 2 or 4 spawned gloo ranks of 1 thread, on 127.0.0.1 through a file store), built once,
+On a machine that other jobs load, the one-process world on 2 threads suffers most (its
+threads wait for each other in every parallel region); ``--threads 1`` sets it to 1 thread
+(case b then no longer compares with its stated baseline).
+
+How: every variant runs in its own long-lived processes (a "world": 1 process with 2 threads
+(--threads), or 2 or 4 spawned gloo ranks of 1 thread, on 127.0.0.1 through a file store), built once,
 rows filled before timing. The parent holds no table; it runs rounds, and in each round asks
 every variant, in turns, for one step, so that a drift of this noisy machine hits all alike.
 A step of a world is timed on each rank from a barrier to the end of its update; the step's
@@ -358,23 +362,25 @@ class Case:
 
 
 CASES = {
-    "a": [Case("a", ("1x2", "sharded_1M"), ("1x2", "plain_1M"), 1.15, "sharded, world of 1 vs plain")],
-    "b": [Case("b", ("2x1", "sharded_1M"), ("1x2", "plain_1M"), 1.5, "sharded, 2 ranks vs plain, 1 process")],
+    "a": [Case("a", ("1", "sharded_1M"), ("1", "plain_1M"), 1.15, "sharded, world of 1 vs plain")],
+    "b": [Case("b", ("2", "sharded_1M"), ("1", "plain_1M"), 1.5, "sharded, 2 ranks vs plain, 1 process")],
     "c": [
-        Case("c", ("2x1", "sharded_1M"), ("2x1", "torchrec_adagrad_1M"), 0.6, "recis vs TorchRec, Adagrad"),
-        Case("c", ("2x1", "sharded_1M"), ("2x1", "torchrec_rowwise_1M"), None, "recis vs TorchRec, row-wise Adagrad"),
+        Case("c", ("2", "sharded_1M"), ("2", "torchrec_adagrad_1M"), 0.6, "recis vs TorchRec, Adagrad"),
+        Case("c", ("2", "sharded_1M"), ("2", "torchrec_rowwise_1M"), None, "recis vs TorchRec, row-wise Adagrad"),
     ],
-    "d": [Case("d", ("2x1", "sharded_26"), ("1x2", "plain_26"), None, "26 tables: 2 ranks vs plain, 1 process")],
+    "d": [Case("d", ("2", "sharded_26"), ("1", "plain_26"), None, "26 tables: 2 ranks vs plain, 1 process")],
     "s": [
-        Case("s", ("2x1", "sharded_small"), ("1x2", "sharded_small"), None, "262k rows: 2 ranks vs 1"),
-        Case("s", ("4x1", "sharded_small"), ("1x2", "sharded_small"), None, "262k rows: 4 ranks vs 1"),
+        Case("s", ("2", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 2 ranks vs 1"),
+        Case("s", ("4", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 4 ranks vs 1"),
     ],
 }
-WORLDS = {"1x2": (1, 2), "2x1": (2, 1), "4x1": (4, 1)}  # name: (ranks, threads per rank)
 
 
-def plan(cases: list[Case]) -> tuple[dict[str, WorldSpec], list[tuple[str, str]]]:
-    """The worlds to start and the (world, variant) steps of one round, each once, in a fixed order."""
+def plan(cases: list[Case], threads: int) -> tuple[dict[str, WorldSpec], list[tuple[str, str]]]:
+    """The worlds to start and the (world, variant) steps of one round, each once, in a fixed order.
+
+    A world is named by its ranks; one rank runs ``threads`` threads, several ranks 1 each.
+    """
     runs: list[tuple[str, str]] = []
     for case in cases:
         for run in (case.baseline, case.measured):
@@ -382,14 +388,14 @@ def plan(cases: list[Case]) -> tuple[dict[str, WorldSpec], list[tuple[str, str]]
                 runs.append(run)
     specs: dict[str, WorldSpec] = {}
     for world, variant in runs:
-        size, threads = WORLDS[world]
-        specs.setdefault(world, WorldSpec(world, size, threads)).variants.append(variant)
+        size = int(world)
+        specs.setdefault(world, WorldSpec(world, size, threads if size == 1 else 1)).variants.append(variant)
     return specs, runs
 
 
-def measure(cases: list[Case], repeats: int, warmup: int) -> tuple[dict, dict]:
+def measure(cases: list[Case], repeats: int, warmup: int, threads: int) -> tuple[dict, dict]:
     """Step seconds per (world, variant) over the counted rounds, and each one's calls and bytes in the last round."""
-    specs, runs = plan(cases)
+    specs, runs = plan(cases, threads)
     times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     calls: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory() as directory:
@@ -443,7 +449,12 @@ def calls_text(phases: dict[str, Counter]) -> str:
     return " / ".join(str(sum(phases[phase].values())) for phase in PHASES)
 
 
-def report(cases: list[Case], times: dict, calls: dict) -> list[str]:
+def world_label(world: str, threads: int) -> str:
+    """``ranks x threads per rank``, e.g. ``1x2``, ``2x1``."""
+    return f"{world}x{threads if world == '1' else 1}"
+
+
+def report(cases: list[Case], times: dict, calls: dict, threads: int) -> list[str]:
     """Markdown rows: every case's baseline and measured run.
 
     ratio: median of the measured run over median of the baseline. paired: the median over
@@ -451,7 +462,7 @@ def report(cases: list[Case], times: dict, calls: dict) -> list[str]:
     by a load that changes between rounds).
     """
     lines = [
-        "| case | what | world | variant | median ms | min-max ms | ratio | paired | target "
+        "| case | what | ranks x threads | variant | median ms | min-max ms | ratio | paired | target "
         "| collectives fwd / bwd / update | MB sent |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -465,7 +476,7 @@ def report(cases: list[Case], times: dict, calls: dict) -> list[str]:
             spread = f"{min(ours) * 1e3:.1f}-{max(ours) * 1e3:.1f}"
             world, variant = run
             lines.append(
-                f"| {case.name} | {case.what if measured else 'baseline'} | {world} | {variant} "
+                f"| {case.name} | {case.what if measured else 'baseline'} | {world_label(world, threads)} | {variant} "
                 f"| {statistics.median(ours) * 1e3:.1f} | {spread} | {ratio} | {paired} | {target} "
                 f"| {calls_text(calls[run]['calls'])} | {calls[run]['bytes'] / 1e6:.2f} |"
             )
@@ -476,14 +487,14 @@ def _by_name(calls: Counter) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(calls.items()))
 
 
-def call_details(calls: dict) -> list[str]:
+def call_details(calls: dict, threads: int) -> list[str]:
     """Per-phase collective calls by name for every run that made any."""
     lines = []
     for (world, variant), traffic in calls.items():
         phases = traffic["calls"]
         parts = [f"{phase}: {_by_name(phases[phase])}" for phase in PHASES if phases[phase]]
         if parts:
-            lines.append(f"- {world} {variant}: " + "; ".join(parts))
+            lines.append(f"- {world_label(world, threads)} {variant}: " + "; ".join(parts))
     return lines
 
 
@@ -492,16 +503,17 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["a", "b", "c", "d"])
     parser.add_argument("--repeats", type=int, default=15, help="counted rounds (every variant steps once per round)")
     parser.add_argument("--warmup", type=int, default=6, help="rounds run first and not counted")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the one-process world (ranks: 1 each)")
     args = parser.parse_args()
     cases = without_missing_peers([case for name in args.cases for case in CASES[name]])
     print(f"machine: {machine()}")
     started = time.perf_counter()
-    times, calls = measure(cases, args.repeats, args.warmup)
+    times, calls = measure(cases, args.repeats, args.warmup, args.threads)
     seconds = time.perf_counter() - started
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"{args.repeats} counted rounds after {args.warmup} warm-up rounds; {seconds:.0f} s; load average {load}\n")
-    print("\n".join(report(cases, times, calls)))
-    details = call_details(calls)
+    print("\n".join(report(cases, times, calls, args.threads)))
+    details = call_details(calls, args.threads)
     if details:
         print("\ncollective calls per step, rank 0, by name:\n" + "\n".join(details))
 
