@@ -94,6 +94,18 @@ def read_csv(path: str) -> dict[str, list[float]]:
     return {key: [float(row[key]) if row[key] else math.nan for row in rows] for key in COLUMNS}
 
 
+def plotting_unavailable() -> str | None:
+    """Why the plot cannot be drawn (matplotlib does not import), or None if it can.
+
+    The plot is optional: a run without matplotlib still trains, writes the CSV and reports.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except Exception as error:  # a missing or a broken install: either way, no plot
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def plot(csv_path: str, png_path: str, title: str) -> None:
     """Training loss, training AUC and held-out AUC against the step, from the metrics CSV."""
     import matplotlib

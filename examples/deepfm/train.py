@@ -17,7 +17,8 @@ across ranks). Dense part: torch AdamW or recis AdamWTF, under DistributedDataPa
 across ranks. Both follow a linear warm-up then a cosine decay of the learning rate.
 
 Writes to --out-dir: metrics.csv, plot.png, checkpoints/. Rank 0 shows a progress bar
-(on stderr) and prints a summary whose last line is ``test_auc: 0.xxxx``.
+(on stderr) and prints a summary whose last line is ``test_auc: 0.xxxx``. The plot is
+optional: without matplotlib, a warning at start, and the run goes on without plot.png.
 """
 
 from __future__ import annotations
@@ -378,6 +379,19 @@ def describe(args: argparse.Namespace, trainer: Trainer, world: World, rows: int
     return f"DeepFM{across}: {sparse}, dense part {dense}"
 
 
+def draw_plot(csv_path: str, png_path: Path, title: str, unavailable: str | None) -> list[Path]:
+    """``[png_path]`` once the plot is drawn; ``[]`` if matplotlib was missing at start or drawing
+    failed (warned): the plot is optional, and a finished run is never lost to it."""
+    if unavailable is not None:
+        return []
+    try:
+        metrics.plot(csv_path, str(png_path), title)
+    except Exception as error:
+        print(f"warning: no plot.png ({type(error).__name__}: {error}); {csv_path} holds the metrics", file=sys.stderr)
+        return []
+    return [png_path]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = init_world()
@@ -394,6 +408,9 @@ def train(args: argparse.Namespace, world: World) -> None:
     """Build, resume, train, evaluate, checkpoint and report: the whole run on this rank."""
     out_dir = Path(args.out_dir)
     checkpoints = out_dir / "checkpoints"
+    no_plot = metrics.plotting_unavailable() if world.rank == 0 else None
+    if no_plot is not None:
+        print(f"warning: matplotlib does not import ({no_plot}): training goes on, no plot.png", file=sys.stderr)
     trainer = build(args, world)
     data = TrainingData(args, world)
 
@@ -483,7 +500,7 @@ def train(args: argparse.Namespace, world: World) -> None:
     cores = cores_per_rank(run_cpu_seconds, run_seconds, world)
     if world.rank == 0:
         title = describe(args, trainer, world, rows)
-        metrics.plot(csv.path, str(out_dir / "plot.png"), title)
+        written = [csv.path, *draw_plot(csv.path, out_dir / "plot.png", title, no_plot)]
         print(title)
         print(
             f"trained steps {first_step}-{step} ({run_samples:,} samples) in {run_seconds:.1f} s: "
@@ -491,7 +508,8 @@ def train(args: argparse.Namespace, world: World) -> None:
         )
         if planted is not None:
             print(f"AUC of the planted model itself on the held-out set: {planted:.4f}")
-        print(f"wrote {csv.path}, {out_dir / 'plot.png'}" + (f", {checkpoints}/" if saved_step is not None else ""))
+        written += [f"{checkpoints}/"] if saved_step is not None else []
+        print(f"wrote {', '.join(str(path) for path in written)}")
         print(f"test_auc: {test_auc:.4f}")
 
 

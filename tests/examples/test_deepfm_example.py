@@ -148,6 +148,29 @@ def test_one_process_with_tf_optimizers_and_grad_accumulation_learns(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+# Runs the example with ``import matplotlib`` failing as if it were not installed; the example is not told.
+WITHOUT_MATPLOTLIB = (
+    "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.mark.timeout(DEADLINE_S + 30)
+def test_one_process_without_matplotlib_warns_at_start_and_still_writes_csv_and_test_auc(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = ["--steps", "20", "--eval-every", "0", "--checkpoint-every", "0", "--out-dir", str(tmp_path)]
+    command = [sys.executable, "-c", WITHOUT_MATPLOTLIB, str(TRAIN), *TINY, *run]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "matplotlib" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: matplotlib does not import"), result.stderr
+    assert result.stderr.index(warnings[0]) < result.stderr.index("train:")  # at start, before the progress bar
+    _test_auc(result.stdout)
+    assert f"wrote {tmp_path / 'metrics.csv'}\n" in result.stdout and "plot.png" not in result.stdout
+    assert [int(row["step"]) for row in _metrics(tmp_path)] == [10, 20]
+    assert not (tmp_path / "plot.png").exists()
+
+
 @pytest.mark.timeout(DEADLINE_S + 30)
 def test_one_process_baseline_learns(tmp_path):
     stdout = _one_process(
