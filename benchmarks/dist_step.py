@@ -17,7 +17,8 @@ medians and, as "paired", the median of the per-round ratios):
      the closest), the same ids.  Target <= 0.6.  Also against EXACT_ROWWISE_ADAGRAD.
   d  26 ShardedHashTables of dims 8..64 (65,536 rows present each, 4,096 ids per table per
      step in all) with one ShardedOptimizer(SparseAdamW over all) on 2 ranks, against 26
-     plain HashTables with one SparseAdamW in one process on 2 threads.
+     plain HashTables with one SparseAdamW in one process on 2 threads; once with a forward
+     per table, once with one ``sharded_lookup`` over all 26 (one exchange of ids and rows).
   s  (not in the default) the sharded step on 1, 2 and 4 ranks sharing the 2 cores, one table
      of 262,144 x 64 rows, a global batch of 16,384 ids; ratio against 1 rank.
 
@@ -125,8 +126,8 @@ class RecisStep(Step):
     ``vocabulary[rank::world_size]`` (a sharded table sends them to their owners).
     """
 
-    def __init__(self, workload: Workload, sharded: bool, rank: int, world_size: int) -> None:
-        from recis.dist import ShardedHashTable, ShardedOptimizer
+    def __init__(self, workload: Workload, sharded: bool, rank: int, world_size: int, grouped: bool = False) -> None:
+        from recis.dist import ShardedHashTable, ShardedOptimizer, sharded_lookup
         from recis.nn.modules.hashtable import HashTable
         from recis.optim import SparseAdamW
 
@@ -141,6 +142,7 @@ class RecisStep(Step):
         optimizer = SparseAdamW(self.tables, lr=1e-3, weight_decay=1e-4)
         self.optimizer = ShardedOptimizer(optimizer) if sharded else optimizer
         self.ids: list[torch.Tensor] = []
+        self.grouped_lookup = sharded_lookup if grouped else None
 
     def prepare(self, round_index: int) -> None:
         self.ids = [
@@ -150,6 +152,8 @@ class RecisStep(Step):
         self.optimizer.zero_grad()
 
     def forward(self) -> torch.Tensor:
+        if self.grouped_lookup is not None:  # all tables in one exchange of ids and one of rows
+            return sum(rows.square().mean() for rows in self.grouped_lookup(self.tables, self.ids))
         return sum(table(ids).square().mean() for table, ids in zip(self.tables, self.ids))
 
     def update(self) -> None:
@@ -239,6 +243,7 @@ VARIANTS: dict[str, Callable[[int, int], Step]] = {
     "torchrec_rowwise_1M": lambda rank, size: TorchRecStep(WORKLOADS["one_table"], "EXACT_ROWWISE_ADAGRAD", rank, size),
     "plain_26": lambda rank, size: RecisStep(WORKLOADS["26_tables"], False, rank, size),
     "sharded_26": lambda rank, size: RecisStep(WORKLOADS["26_tables"], True, rank, size),
+    "grouped_26": lambda rank, size: RecisStep(WORKLOADS["26_tables"], True, rank, size, grouped=True),
     "sharded_small": lambda rank, size: RecisStep(WORKLOADS["small"], True, rank, size),
 }
 
@@ -368,7 +373,10 @@ CASES = {
         Case("c", ("2", "sharded_1M"), ("2", "torchrec_adagrad_1M"), 0.6, "recis vs TorchRec, Adagrad"),
         Case("c", ("2", "sharded_1M"), ("2", "torchrec_rowwise_1M"), None, "recis vs TorchRec, row-wise Adagrad"),
     ],
-    "d": [Case("d", ("2", "sharded_26"), ("1", "plain_26"), None, "26 tables: 2 ranks vs plain, 1 process")],
+    "d": [
+        Case("d", ("2", "sharded_26"), ("1", "plain_26"), None, "26 tables: 2 ranks vs plain, 1 process"),
+        Case("d", ("2", "grouped_26"), ("1", "plain_26"), None, "26 tables, sharded_lookup: 2 ranks vs plain"),
+    ],
     "s": [
         Case("s", ("2", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 2 ranks vs 1"),
         Case("s", ("4", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 4 ranks vs 1"),
