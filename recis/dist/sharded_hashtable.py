@@ -82,16 +82,10 @@ class ShardedHashTable(HashTable):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return sharded_lookup([self], [ids])[0]
 
-    @torch.no_grad()
-    def serve(self, asked: torch.Tensor, *, deduplicate: bool) -> torch.Tensor:
-        """The owner's part of a lookup: rows of the ids asked of it (inserting them in training mode).
-
-        ``deduplicate`` when ``asked`` may repeat an id (several ranks asked for it).
-        """
-        if not deduplicate:
-            return self.read_or_initial(asked, insert=self.training)
-        unique_asked, inverse = torch.unique(asked, return_inverse=True)
-        return self.read_or_initial(unique_asked, insert=self.training).index_select(0, inverse)
+    def serve(self, asked: torch.Tensor) -> torch.Tensor:
+        """The owner's part of a lookup: rows of the ids asked of it, repeats allowed (several ranks
+        may ask for one id); absent ids are inserted in training mode, else read their initial value."""
+        return self.read_or_initial(asked, insert=self.training)
 
     def gradient_receiver(self, unique_ids: torch.Tensor) -> GradReceiver:
         """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id."""

@@ -62,12 +62,9 @@ def input_dist(tables: Sequence[ShardedHashTable], ids: Sequence[torch.Tensor]) 
     return routing, requests, routing.forward(sorted_ids)
 
 
-def lookup(routing: Routing, tables: Sequence[ShardedHashTable], asked: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def lookup(tables: Sequence[ShardedHashTable], asked: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """At each owner: the rows of the ids other ranks asked for, in the order asked."""
-    return [
-        table.serve(table_asked, deduplicate=routing.sources(t) > 1)
-        for t, (table, table_asked) in enumerate(zip(tables, asked))
-    ]
+    return [table.serve(table_asked) for table, table_asked in zip(tables, asked)]
 
 
 def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -88,7 +85,7 @@ def sharded_lookup(tables: Sequence[ShardedHashTable], ids: Sequence[torch.Tenso
     in the same order (each with its own ids).
     """
     routing, requests, asked = input_dist(tables, ids)
-    answers = lookup(routing, tables, asked)
+    answers = lookup(tables, asked)
     return output_dist(routing, requests, answers)
 
 

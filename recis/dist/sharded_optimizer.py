@@ -7,7 +7,7 @@
    ids and gradient rows, packed across tables of any dims (two collective calls
    however many tables; none in a world of one);
 2. apply: owners sum what several ranks sent for an id (the one deduplication at the
-   owner), divide by the world size (the mean over workers, as DistributedDataParallel
+   owner, grouped by row), divide by the world size (the mean over workers, as DistributedDataParallel
    does for dense gradients) and the wrapped optimizer applies it, one fused update
    per table, on owned rows only;
 3. row_dist: for replicated tables only, the updated rows go back to every rank (one
@@ -63,10 +63,12 @@ class _Route:
 
 @dataclass
 class _OwnedGradient:
-    """What the owners received for one table: distinct ids and their summed gradient rows."""
+    """What the owners received for one table: ids and gradient rows, an id repeated when
+    several ranks sent it (``repeats``)."""
 
     ids: torch.Tensor
     grad: torch.Tensor
+    repeats: bool
 
 
 def _owner_shard_of(replica: HashTable) -> HashTable:
@@ -240,30 +242,37 @@ class ShardedOptimizer(torch.optim.Optimizer):
         tables = len(self._routes)
         owned: list[_OwnedGradient | None] = []
         for t in range(tables):
-            if not any(flags_of_rank[t] for flags_of_rank in routing.received_flags):
+            if any(flags_of_rank[t] for flags_of_rank in routing.received_flags):
+                owned.append(_OwnedGradient(received[t], received[tables + t], repeats=routing.sources(t) > 1))
+            else:
                 owned.append(None)
-                continue
-            table_ids, table_grad = received[t], received[tables + t]
-            if routing.sources(t) > 1:  # several ranks sent gradients of the same ids
-                table_ids, table_grad = coalesce_rows(table_ids, table_grad)
-            if self.world_size > 1:
-                table_grad = table_grad / self.world_size
-            owned.append(_OwnedGradient(table_ids, table_grad))
         return owned
 
     # ------------------------------------------------------------------ step, 2: apply
     def apply(self, owned: list[_OwnedGradient | None]) -> None:
-        """The wrapped optimizer's fused update of each table's owned rows."""
+        """At the owners: sum each id's gradient over the ranks that sent it, take the mean over
+        workers, and run the wrapped optimizer's fused update of each table's owned rows."""
         for route_, gradient in zip(self._routes, owned):
             if gradient is None:
                 continue
-            if route_.replicated:  # the shard's rows start from the replica's current values
-                current = route_.source.peek(gradient.ids)
-                rows = route_.target.store.find_or_insert(gradient.ids, current)
-                route_.target.store.scatter(rows, current)
-            else:
-                rows = route_.target.rows_for(gradient.ids)
-            self.optimizer.apply_gradient(route_.target, rows, gradient.grad)
+            if route_.replicated:
+                rows, grad = self._rows_of_replicated(route_, gradient)
+            else:  # summed by row, not by id: rows are small integers, cheaper to group
+                rows, grad = route_.target.rows_for(gradient.ids), gradient.grad
+                if gradient.repeats:
+                    rows, grad = coalesce_rows(rows, grad)
+            self.optimizer.apply_gradient(route_.target, rows, grad, workers=self.world_size)
+
+    @staticmethod
+    def _rows_of_replicated(route_: _Route, gradient: _OwnedGradient) -> tuple[torch.Tensor, torch.Tensor]:
+        """The owner shard's rows of the gradient's ids, valued as the replica's current rows."""
+        if gradient.repeats:
+            gradient.ids, gradient.grad = coalesce_rows(gradient.ids, gradient.grad)
+            gradient.repeats = False
+        current = route_.source.peek(gradient.ids)
+        rows = route_.target.store.find_or_insert(gradient.ids, current)
+        route_.target.store.scatter(rows, current)
+        return rows, gradient.grad
 
     # ------------------------------------------------------------------ step, 3: row_dist
     def row_dist(self, owned: list[_OwnedGradient | None]) -> None:

@@ -255,18 +255,25 @@ class SparseOptimizer(torch.optim.Optimizer):
         raise KeyError(f"{table.describe()} is not optimized by this optimizer")
 
     def apply_gradient(
-        self, table: HashTable, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any] | None = None
+        self,
+        table: HashTable,
+        rows: torch.Tensor,
+        grad: torch.Tensor,
+        group: dict[str, Any] | None = None,
+        *,
+        workers: int = 1,
     ) -> None:
         """One update of ``table``: the summed gradient ``grad`` of its distinct ``rows``.
 
-        The gradient is divided by ``grad_accum_steps`` (the mean over the window), rows
-        with a non-finite gradient are skipped when ``skip_nonfinite``, the table's step
-        count advances, and one fused kernel updates rows and slots
+        The gradient is divided by ``grad_accum_steps * workers`` (the mean over the
+        accumulation window and over the ``workers`` ranks that summed into it), rows with
+        a non-finite gradient are skipped when ``skip_nonfinite``, the table's step count
+        advances, and one fused kernel updates rows and slots
         (``recis.ops.sparse_adam_update``, the formula of the subclass).
         """
         group = self.group_of(table) if group is None else group
-        if self._grad_accum_steps > 1:
-            grad = grad / self._grad_accum_steps
+        if self._grad_accum_steps * workers > 1:
+            grad = grad / (self._grad_accum_steps * workers)
         state = self._table_state(table)
         if group["skip_nonfinite"]:
             finite = torch.isfinite(grad).all(dim=1)

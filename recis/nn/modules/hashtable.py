@@ -190,7 +190,7 @@ class HashTable(nn.Module):
 
     @torch.no_grad()
     def peek(self, unique_ids: torch.Tensor) -> torch.Tensor:
-        """Rows of distinct ids, ``(len(ids), embedding_dim)``; absent ids read as their initial value. No insert."""
+        """Rows of 1-D ids, ``(len(ids), embedding_dim)``; absent ids read as their initial value. No insert."""
         return self._read_or_initial(unique_ids, self._store.find(unique_ids))
 
     def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
@@ -203,9 +203,17 @@ class HashTable(nn.Module):
             )
         return values.reshape(ids.numel(), self.embedding_dim).to(device=self.device, dtype=self.dtype)
 
-    def rows_for(self, unique_ids: torch.Tensor) -> torch.Tensor:
-        """Rows of distinct ids, inserting absent ones with their initial values and zero slots."""
-        return self._store.find_or_insert(unique_ids, self.initial_values)
+    def rows_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of 1-D ids (repeats allowed), inserting absent ones with their initial values and zero slots.
+
+        One probe of the id map per id; only the absent ids are deduplicated.
+        """
+        rows = self._store.find(ids)
+        absent = rows < 0
+        if bool(absent.any()):
+            new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
+            rows[absent] = self._store.find_or_insert(new_ids, self.initial_values).index_select(0, inverse)
+        return rows
 
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
@@ -438,11 +446,12 @@ class HashTable(nn.Module):
         values[absent] = self.initial_values(unique_ids[absent])
         return values
 
-    def read_or_initial(self, unique_ids: torch.Tensor, insert: bool) -> torch.Tensor:
-        """Rows of distinct ids: inserted if absent when ``insert``, else absent ids read their initial value."""
+    @torch.no_grad()
+    def read_or_initial(self, ids: torch.Tensor, insert: bool) -> torch.Tensor:
+        """Rows of 1-D ids (repeats allowed): absent ids are inserted when ``insert``, else read their initial value."""
         if insert:
-            return self._store.gather(self.rows_for(unique_ids))
-        return self.peek(unique_ids)
+            return self._store.gather(self.rows_for(ids))
+        return self._read_or_initial(ids, self._store.find(ids))
 
 
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
