@@ -7,7 +7,7 @@ isolation (an isolated build would download another torch):
     pip install --no-build-isolation -e .
 
 Without torch at build time (an isolated build), or with RECIS_NO_NATIVE_BUILD=1, the
-package installs as pure Python and recis compiles the kernels on first import
+package installs as pure Python and recis compiles the kernels on first use
 (recis/ops/native_library.py), or runs its torch kernels.
 """
 

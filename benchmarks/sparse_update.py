@@ -4,7 +4,7 @@
 
 Setting: 2 threads, float32, rows of dim 64, batches of 65,536 random int64 ids. Each
 figure is the median of repeated runs after warm-up. Cases:
-  floor            a kernel (csrc/cpu/memory_floor.cpp) that only reads and writes the
+  floor            a kernel (benchmarks/native/memory_floor.cpp) that only reads and writes the
                    touched rows of weight, exp_avg and exp_avg_sq once; for the step, run
                    on the table's own weight and slots, over the rows the step updates
   adamw-step       recis SparseAdamW.step() on a 1M-row HashTable (native and torch
@@ -15,9 +15,10 @@ figure is the median of repeated runs after warm-up. Cases:
                    FBGEMM's CPU fused backward+update with EXACT_ROWWISE_ADAGRAD on a
                    fixed 1M-row table (forward + backward), same ids
   scaling          native update kernel and floor against touched rows and table size
-  id-map           find-or-insert of 65,536 distinct ids, half new, into a 1M-id map
+  id-map           find-or-insert (find, then insert the absent ids, as a HashTable does)
+                   of 65,536 distinct ids, half new, into a 1M-id map
 Effective GB/s counts the floor's bytes (touched rows x dim x 4 B x 3 tensors x 2).
-Each backend runs in its own process (RECIS_BACKEND is read at import).
+Each backend runs in its own process (RECIS_BACKEND set for the whole process).
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def floor_bytes(touched: int) -> int:
     return touched * DIM * 4 * 3 * 2
 
 
+def load_memory_floor() -> None:
+    """Compile (once, cached by torch) and load the floor kernel: ``torch.ops.recis.memory_floor``."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load
+
+    here = Path(__file__).resolve().parent
+    source, include = here / "native" / "memory_floor.cpp", here.parent / "csrc" / "cpu"
+    load(name="recis_memory_floor", sources=[str(source)], extra_include_paths=[str(include)], extra_cflags=["-O3"],
+         is_python_module=False)  # fmt: skip
+
+
 # ---------------------------------------------------------------------- workers (one backend each)
 def _random_ids(generator, count: int):
     import torch
@@ -89,8 +102,12 @@ def worker_adamw_step(repeats: int, peers: bool) -> dict:
     torch.optim.SparseAdam and FBGEMM in this one process."""
     import torch
 
-    from recis.ops import BACKEND
+    from recis.ops import choose_backend
     from recis.optim import SparseAdamW
+
+    native = choose_backend() == "native"
+    if native:
+        load_memory_floor()
 
     generator = torch.Generator().manual_seed(0)
     table, vocabulary = _filled_table(generator)
@@ -102,7 +119,7 @@ def worker_adamw_step(repeats: int, peers: bool) -> dict:
         table(batch).sum().backward()
 
     step_cases = {"step_ms": (forward_backward, optimizer.step)}
-    if BACKEND == "native":  # the floor after the same forward and backward
+    if native:  # the floor after the same forward and backward
         step_cases["floor_ms"] = (forward_backward, _floor_on_own_memory(table, batch))
     if peers:  # nn.Embedding indexed by the rows the table gave the batch: the same access pattern
         step_cases["sparse_adam_ms"] = _torch_sparse_adam_case(table.store.find(batch))
@@ -155,8 +172,14 @@ def worker_id_map(repeats: int) -> dict:
         batches.append(torch.cat([old, new])[torch.randperm(BATCH, generator=generator)])
     pending = iter(batches)
     current: list = []
-    return {"find_or_insert_ms": median_ms(lambda: id_map.find_or_insert(current[-1]),
-                                           lambda: current.append(next(pending)), repeats)}  # fmt: skip
+
+    def find_or_insert() -> None:
+        ids = current[-1]
+        rows = id_map.find(ids)
+        absent = rows < 0
+        rows[absent] = id_map.insert_new(ids[absent])
+
+    return {"find_or_insert_ms": median_ms(find_or_insert, lambda: current.append(next(pending)), repeats)}
 
 
 def worker_native_kernels(repeats: int, quick: bool) -> dict:
@@ -190,6 +213,7 @@ def _time_kernels(tables, rows, generator, repeats: int, hyper: dict) -> dict:
 
     from recis.ops import native_kernels
 
+    load_memory_floor()
     for tensor in tables:
         tensor[rows] = 0.01
     grad = torch.randn(rows.numel(), DIM, generator=generator)

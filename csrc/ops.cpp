@@ -1,6 +1,8 @@
 // The operator schemas of the recis native library, in one place. Each kernel file
 // registers its CPU (csrc/cpu/) or CUDA (csrc/cuda/binding.cpp) implementation; the
-// Python side calls them as torch.ops.recis.<name> (recis/ops/native.py).
+// Python side calls them as torch.ops.recis.<name> (recis/ops/native_kernels.py,
+// recis/ops/native_id_map.py). `decay` and `epsilon` are the codes of WeightDecay and
+// EpsilonPlacement in common/adam_rule.h.
 #include <torch/library.h>
 
 TORCH_LIBRARY(recis, m) {
@@ -8,15 +10,11 @@ TORCH_LIBRARY(recis, m) {
       "sparse_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
       "Tensor(d!)? row_steps, float lr, float beta1, float beta2, float eps, float weight_decay, int decay, "
       "int epsilon, bool maximize, int step) -> ()");
-  m.def("row_segments(Tensor rows) -> (Tensor, Tensor, Tensor)");
   m.def("coalesce_rows(Tensor rows, Tensor grads) -> (Tensor, Tensor)");
   m.def("id_map_find(Tensor buckets, Tensor ids) -> Tensor");
-  m.def(
-      "id_map_insert_missing(Tensor(a!) buckets, Tensor ids, Tensor(b!) rows, Tensor(c!) row_keys, int size) "
-      "-> (Tensor, int)");
+  m.def("id_map_insert(Tensor(a!) buckets, Tensor ids, int first_row) -> ()");
   m.def("id_map_rehash(Tensor buckets, int bucket_count) -> Tensor");
   m.def(
       "adamw_tf_multi_tensor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
-  m.def("memory_floor(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, float scale) -> ()");
 }

@@ -6,7 +6,10 @@
 //   theta += (-lr sqrt(bc2) / bc1) * (m / (sqrt(v) + eps))
 // (common/adam_rule.h with DECOUPLED_NO_LR decay and UNCORRECTED epsilon). All tensors
 // are cut into chunks of equal size that the threads share, so many small tensors cost
-// one parallel region, not one per tensor. Results equal torch's _foreach path bitwise.
+// one parallel region, not one per tensor. float32 and float64 results equal torch's
+// _foreach path bitwise. bfloat16 and float16 tensors are widened to float32 a chunk at a
+// time and rounded back once (torch's _foreach path rounds after every operation), so
+// they agree with it to the rounding of their dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -75,6 +78,28 @@ void update_chunk(C* theta, C* m, C* v, const C* g, int64_t n, const AdamScalars
   apply(theta, m, root, n, s);
 }
 
+// One chunk of tensors of dtype T computed in C: in place when T is C, else through
+// widened copies rounded back once.
+template <typename T, typename C>
+struct ChunkUpdate {
+  std::vector<C> root = std::vector<C>(kChunk);
+  std::vector<C> wide = std::vector<C>(std::is_same_v<T, C> ? 0 : 4 * kChunk);
+
+  void operator()(T* theta, T* m, T* v, const T* g, int64_t n, const AdamScalars<C>& s) {
+    if constexpr (std::is_same_v<T, C>) {
+      update_chunk(theta, m, v, g, n, s, root.data());
+    } else {
+      C* copies[4] = {wide.data(), wide.data() + kChunk, wide.data() + 2 * kChunk, wide.data() + 3 * kChunk};
+      const T* sources[4] = {theta, m, v, g};
+      for (int k = 0; k < 4; ++k) widen(sources[k], copies[k], n);
+      update_chunk(copies[0], copies[1], copies[2], copies[3], n, s, root.data());
+      narrow(copies[0], theta, n);
+      narrow(copies[1], m, n);
+      narrow(copies[2], v, n);
+    }
+  }
+};
+
 void check_lists(const at::TensorList& params, const at::TensorList& grads, const at::TensorList& exp_avgs,
                  const at::TensorList& exp_avg_sqs, const at::TensorList& steps) {
   const size_t n = params.size();
@@ -97,8 +122,9 @@ void adamw_tf_multi_tensor(at::TensorList params, at::TensorList grads, at::Tens
   check_lists(params, grads, exp_avgs, exp_avg_sqs, steps);
   if (params.empty()) return;
   const std::vector<Chunk> chunks = chunks_of(params);
-  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "recis_adamw_tf", [&] {
-    using C = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "recis_adamw_tf", [&] {
+    using T = scalar_t;
+    using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
     std::vector<AdamScalars<C>> scalars;
     for (const at::Tensor& step : steps) {
       at::Tensor(step).add_(1);
@@ -108,14 +134,14 @@ void adamw_tf_multi_tensor(at::TensorList params, at::TensorList grads, at::Tens
       scalars.push_back(adam_scalars<C>(hyper));
     }
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-      std::vector<C> root(kChunk);
+      ChunkUpdate<T, C> update;
       for (int64_t c = first; c < last; ++c) {
         const Chunk& chunk = chunks[c];
-        C* theta = params[chunk.tensor].data_ptr<C>() + chunk.begin;
-        C* m = exp_avgs[chunk.tensor].data_ptr<C>() + chunk.begin;
-        C* v = exp_avg_sqs[chunk.tensor].data_ptr<C>() + chunk.begin;
-        const C* g = grads[chunk.tensor].data_ptr<C>() + chunk.begin;
-        update_chunk(theta, m, v, g, chunk.end - chunk.begin, scalars[chunk.tensor], root.data());
+        T* theta = params[chunk.tensor].data_ptr<T>() + chunk.begin;
+        T* m = exp_avgs[chunk.tensor].data_ptr<T>() + chunk.begin;
+        T* v = exp_avg_sqs[chunk.tensor].data_ptr<T>() + chunk.begin;
+        const T* g = grads[chunk.tensor].data_ptr<T>() + chunk.begin;
+        update(theta, m, v, g, chunk.end - chunk.begin, scalars[chunk.tensor]);
       }
     });
   });

@@ -1,14 +1,9 @@
-// The id map on CPU: find (parallel), insertion of the missing ids of a batch (in batch
-// order, so rows are numbered by first appearance; an id repeated in the batch gets the
-// row of its first occurrence; the keys of new rows also go to the map's row_keys), and
-// rehash into a larger bucket array.
+// The id map on CPU: find (parallel), insertion of absent, distinct ids with the rows
+// first_row, first_row + 1, ... in order, and rehash into a larger bucket array.
 // Layout: common/id_map_layout.h. The caller keeps the load factor <= 1/2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <tuple>
-#include <vector>
 
 #include "../common/id_map_layout.h"
 #include "vec_math.h"
@@ -62,40 +57,19 @@ at::Tensor find(const at::Tensor& table, const at::Tensor& ids) {
   return rows;
 }
 
-// Give every id whose row is -1 a row: its existing one if an earlier id of this batch
-// inserted it, else the next new row, whose key goes to row_keys[row]. Returns is_new
-// (first occurrences) and the new size.
-std::tuple<at::Tensor, int64_t> insert_missing(at::Tensor table, const at::Tensor& ids, at::Tensor rows,
-                                               at::Tensor row_keys, int64_t size) {
+// Place ids[i], absent and pairwise distinct (the caller's promise), with row
+// first_row + i, each in the first empty bucket of its probe sequence.
+void insert(at::Tensor table, const at::Tensor& ids, int64_t first_row) {
   check_ids(ids);
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == ids.numel(), "bad rows");
-  TORCH_CHECK(row_keys.scalar_type() == at::kLong && row_keys.dim() == 1 && row_keys.is_contiguous(),
-              "row_keys: contiguous 1-D int64");
-  int64_t* keys = row_keys.data_ptr<int64_t>();
   const Buckets buckets = buckets_of(table);
+  TORCH_CHECK(2 * (first_row + ids.numel()) <= buckets.count, "id map would exceed load 1/2");
   const int64_t* id = ids.data_ptr<int64_t>();
-  int64_t* row = rows.data_ptr<int64_t>();
-  at::Tensor is_new = at::zeros({ids.numel()}, ids.options().dtype(at::kBool));
-  bool* fresh = is_new.data_ptr<bool>();
-  std::vector<int64_t> missing;
   for (int64_t i = 0; i < ids.numel(); ++i) {
-    if (row[i] == kEmptyRow) missing.push_back(i);
-  }
-  TORCH_CHECK(2 * (size + static_cast<int64_t>(missing.size())) <= buckets.count, "id map would exceed load 1/2");
-  TORCH_CHECK(size + static_cast<int64_t>(missing.size()) <= row_keys.numel(), "row_keys too short for the new rows");
-  for (size_t k = 0; k < missing.size(); ++k) {
-    if (k + kPrefetchDistance < missing.size()) buckets.prefetch(id[missing[k + kPrefetchDistance]]);
-    const int64_t i = missing[k];
+    if (i + kPrefetchDistance < ids.numel()) buckets.prefetch(id[i + kPrefetchDistance]);
     const int64_t b = buckets.probe(id[i]);
-    if (buckets.row(b) == kEmptyRow) {
-      buckets.slots[2 * b] = id[i];
-      buckets.slots[2 * b + 1] = size;
-      keys[size++] = id[i];
-      fresh[i] = true;
-    }
-    row[i] = buckets.row(b);
+    buckets.slots[2 * b] = id[i];
+    buckets.slots[2 * b + 1] = first_row + i;
   }
-  return {is_new, size};
 }
 
 // The same keys and rows in a fresh array of bucket_count buckets.
@@ -118,7 +92,7 @@ at::Tensor rehash(const at::Tensor& table, int64_t bucket_count) {
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
   m.impl("id_map_find", &find);
-  m.impl("id_map_insert_missing", &insert_missing);
+  m.impl("id_map_insert", &insert);
   m.impl("id_map_rehash", &rehash);
 }
 

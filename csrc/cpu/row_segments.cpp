@@ -1,8 +1,6 @@
 // Radix grouping of row indices; see row_segments.h.
 #include "row_segments.h"
 
-#include <torch/library.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -90,7 +88,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_segments(const at::Tensor& ro
   off[unique] = n;
   return {unique_rows, offsets, order};
 }
-
-TORCH_LIBRARY_IMPL(recis, CPU, m) { m.impl("row_segments", &row_segments); }
 
 }  // namespace recis::cpu

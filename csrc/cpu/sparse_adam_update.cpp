@@ -1,9 +1,11 @@
 // Fused Adam-family update of the touched rows of a table, on CPU.
 //
 // One pass over the touched rows reads the row, its exp_avg and exp_avg_sq once, does
-// the math of common/adam_rule.h in the compute type C (float, or double for float64
-// slots) and writes the three back once. rows are distinct; grad[u] is the (coalesced)
-// gradient of rows[u]. Low-precision rows are widened to C and rounded back once.
+// the math of common/adam_rule.h in the compute type C (float, or double when the rows
+// or the slots are float64: never narrower than float32) and writes the three back
+// once. rows are distinct; grad[u] is the (coalesced) gradient of rows[u], in C. Rows
+// and slots of any floating dtype (float32, float64, bfloat16, float16) are widened to
+// C and rounded back once, as the torch kernel's .to() does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,19 +38,41 @@ void update_row(C* theta, C* m, C* v, const C* g, int64_t dim, const AdamScalars
   });
 }
 
-template <typename W, typename C>
-void update_rows(W* weight, C* exp_avg, C* exp_avg_sq, const int64_t* rows, int64_t count, const C* grad,
+// A row of T seen in the compute type C: the row itself when T is C, else a widened
+// copy (in `buffer`) that store() rounds back.
+template <typename T, typename C>
+struct WideRow {
+  std::vector<C> buffer;
+  explicit WideRow(int64_t dim) : buffer(std::is_same_v<T, C> ? 0 : dim) {}
+
+  C* load(T* row, int64_t dim) {
+    if constexpr (std::is_same_v<T, C>) {
+      return row;
+    } else {
+      widen(row, buffer.data(), dim);
+      return buffer.data();
+    }
+  }
+  void store(T* row, int64_t dim) const {
+    if constexpr (!std::is_same_v<T, C>) narrow(buffer.data(), row, dim);
+  }
+};
+
+// W: the rows' dtype, S: the slots' dtype, C: the compute type.
+template <typename W, typename S, typename C>
+void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int64_t count, const C* grad,
                  int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
   const AdamScalars<C> s = adam_scalars<C>(hyper);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    std::vector<C> widened(std::is_same_v<W, C> ? 0 : dim);
+    WideRow<W, C> theta(dim);
+    WideRow<S, C> m(dim), v(dim);
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchDistance < end) {
         const int64_t ahead = rows[u + kPrefetchDistance];
         prefetch_row(weight + ahead * dim, dim * sizeof(W));
-        prefetch_row(exp_avg + ahead * dim, dim * sizeof(C));
-        prefetch_row(exp_avg_sq + ahead * dim, dim * sizeof(C));
+        prefetch_row(exp_avg + ahead * dim, dim * sizeof(S));
+        prefetch_row(exp_avg_sq + ahead * dim, dim * sizeof(S));
       }
       const int64_t r = rows[u];
       RowStep<C> step;
@@ -57,14 +81,13 @@ void update_rows(W* weight, C* exp_avg, C* exp_avg_sq, const int64_t* rows, int6
         step = row_step<C>(hyper.lr, hyper.beta1, hyper.beta2, s.corrected, t);
       }
       const RowStep<C>* per_row = row_steps != nullptr ? &step : nullptr;
-      const C* g = grad + u * dim;
-      if constexpr (std::is_same_v<W, C>) {
-        update_row<C>(weight + r * dim, exp_avg + r * dim, exp_avg_sq + r * dim, g, dim, s, per_row);
-      } else {
-        widen(weight + r * dim, widened.data(), dim);
-        update_row<C>(widened.data(), exp_avg + r * dim, exp_avg_sq + r * dim, g, dim, s, per_row);
-        narrow(widened.data(), weight + r * dim, dim);
-      }
+      W* w_row = weight + r * dim;
+      S* m_row = exp_avg + r * dim;
+      S* v_row = exp_avg_sq + r * dim;
+      update_row<C>(theta.load(w_row, dim), m.load(m_row, dim), v.load(v_row, dim), grad + u * dim, dim, s, per_row);
+      theta.store(w_row, dim);
+      m.store(m_row, dim);
+      v.store(v_row, dim);
     }
   });
 }
@@ -76,7 +99,9 @@ void check_inputs(const at::Tensor& weight, const at::Tensor& exp_avg, const at:
               "exp_avg and exp_avg_sq must have the shape of weight");
   TORCH_CHECK(exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), "slots must be contiguous");
   TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), "exp_avg and exp_avg_sq must share a dtype");
-  TORCH_CHECK(grad.scalar_type() == exp_avg.scalar_type(), "grad must have the dtype of the slots");
+  const bool wide = weight.scalar_type() == at::kDouble || exp_avg.scalar_type() == at::kDouble;
+  TORCH_CHECK(grad.scalar_type() == (wide ? at::kDouble : at::kFloat),
+              "grad must have the compute dtype: float64 when the rows or slots are float64, else float32");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows: 1-D int64");
   TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(1) == weight.size(1), "grad: (n, dim)");
   TORCH_CHECK(grad.size(0) == rows.numel(), "grad must have one row per touched row");
@@ -94,13 +119,13 @@ void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_av
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
   int64_t* steps = row_steps.has_value() ? row_steps->data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(exp_avg.scalar_type(), "recis_sparse_adam_update", [&] {
-    using C = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, exp_avg.scalar_type(), "recis_sparse_adam_slots", [&] {
+    using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "recis_sparse_adam_rows", [&] {
-      TORCH_CHECK(sizeof(scalar_t) <= sizeof(C), "rows wider than their slots are not supported");
-      update_rows<scalar_t, C>(weight.data_ptr<scalar_t>(), exp_avg.data_ptr<C>(), exp_avg_sq.data_ptr<C>(),
-                               rows.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(), weight.size(1),
-                               steps, hyper);
+      using W = scalar_t;
+      using C = std::conditional_t<std::is_same_v<W, double> || std::is_same_v<S, double>, double, float>;
+      update_rows<W, S, C>(weight.data_ptr<W>(), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
+                           rows.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(), weight.size(1), steps, hyper);
     });
   });
 }

@@ -2,7 +2,7 @@
 // stream with raw pointers (launchers.h). Linked only when torch has CUDA
 // (RECIS_WITH_CUDA); the CPU kernels register the same operators for the CPU key.
 // Host synchronization happens only where an output's size depends on the data (the
-// number of distinct rows of a coalescing, the new size of the id map).
+// number of distinct rows of a coalescing).
 //
 // The checks match the CPU operators': a bad argument raises here rather than letting
 // a kernel read or write out of bounds (which would lose the CUDA context).
@@ -123,32 +123,16 @@ at::Tensor id_map_find_op(const at::Tensor& buckets, const at::Tensor& ids) {
   return rows;
 }
 
-std::tuple<at::Tensor, int64_t> id_map_insert_missing_op(at::Tensor buckets, const at::Tensor& ids, at::Tensor rows,
-                                                         at::Tensor row_keys, int64_t size) {
-  constexpr const char* op = "CUDA id_map_insert_missing";
+void id_map_insert_op(at::Tensor buckets, const at::Tensor& ids, int64_t first_row) {
+  constexpr const char* op = "CUDA id_map_insert";
   const c10::cuda::CUDAGuard guard(buckets.device());
   check_buckets(op, buckets);
   check_int64_vector(op, "ids", ids);
-  check_int64_vector(op, "rows", rows);
-  check_int64_vector(op, "row_keys", row_keys);
-  check_on(op, buckets, {&buckets, &ids, &rows, &row_keys});
-  const int64_t n = ids.numel();
-  TORCH_CHECK(rows.numel() == n, op, ": one row per id");
-  // row_keys must have room for every id to be new. The caller also keeps the map at
-  // most half full after the insert (as the CPU operator checks); counting the missing
-  // ids here would cost a synchronization, so that stays the caller's promise.
-  TORCH_CHECK(row_keys.numel() >= size + n, op, ": row_keys has ", row_keys.numel(), " entries, needs ", size + n);
-  at::Tensor is_new = at::zeros({n}, ids.options().dtype(at::kBool));
-  if (n == 0) return {is_new, size};
-  at::Tensor new_size = at::empty({1}, ids.options());
-  const std::size_t bytes = id_map_insert_workspace_bytes(n);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, ids.options().dtype(at::kByte));
-  check(recis::cuda::id_map_insert_missing(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), n,
-                                           rows.data_ptr<int64_t>(), is_new.data_ptr<bool>(),
-                                           row_keys.data_ptr<int64_t>(), size, new_size.data_ptr<int64_t>(),
-                                           workspace.data_ptr(), bytes, stream()),
-        "id_map_insert_missing");
-  return {is_new, new_size.item<int64_t>()};  // the map's size is host state: one synchronization
+  check_on(op, buckets, {&buckets, &ids});
+  TORCH_CHECK(2 * (first_row + ids.numel()) <= buckets.size(0), op, ": the map would exceed load 1/2");
+  check(recis::cuda::id_map_insert(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), ids.numel(),
+                                   first_row, stream()),
+        "id_map_insert");
 }
 
 at::Tensor id_map_rehash_op(const at::Tensor& buckets, int64_t bucket_count) {
@@ -172,7 +156,7 @@ TORCH_LIBRARY_IMPL(recis, CUDA, m) {
   m.impl("sparse_adam_update", &sparse_adam_update_op);
   m.impl("coalesce_rows", &coalesce_rows_op);
   m.impl("id_map_find", &id_map_find_op);
-  m.impl("id_map_insert_missing", &id_map_insert_missing_op);
+  m.impl("id_map_insert", &id_map_insert_op);
   m.impl("id_map_rehash", &id_map_rehash_op);
 }
 

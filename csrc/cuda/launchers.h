@@ -34,14 +34,10 @@ cudaError_t coalesce_sum(const float* grads, int64_t dim, const int64_t* order, 
 // Id map (common/id_map_layout.h): buckets is (bucket_count, 2) int64 of (key, row).
 cudaError_t id_map_find(const int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n, int64_t* rows,
                         cudaStream_t stream);
-// Rows for the ids whose row is -1, numbered size, size + 1, ... by first appearance;
-// repeats get the row of their first occurrence, and row_keys[row] receives each new
-// row's id. *new_size (device) receives the size. The caller makes room first: row_keys
-// holds size + n entries, and the map stays at most half full after the insert.
-std::size_t id_map_insert_workspace_bytes(int64_t n);
-cudaError_t id_map_insert_missing(int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n,
-                                  int64_t* rows, bool* is_new, int64_t* row_keys, int64_t size, int64_t* new_size,
-                                  void* workspace, std::size_t workspace_bytes, cudaStream_t stream);
+// Place ids[i] (absent from the map and pairwise distinct) with row first_row + i. The
+// caller keeps the map at most half full after the insert.
+cudaError_t id_map_insert(int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n, int64_t first_row,
+                          cudaStream_t stream);
 cudaError_t id_map_rehash(const int64_t* buckets, int64_t bucket_count, int64_t* grown, int64_t grown_count,
                           cudaStream_t stream);
 

@@ -40,14 +40,3 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     x = x ^ logical_shift_right(x, 27)
     x = x * _MUL2
     return x ^ logical_shift_right(x, 31)
-
-
-def mix64_int(value: int) -> int:
-    """Reference splitmix64 finalizer on a Python int; returns the int64 bit pattern."""
-    x = value & _MASK64
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & _MASK64
-    x ^= x >> 31
-    return _as_int64(x)

@@ -1,4 +1,4 @@
-"""Id map: int64 id -> row index, an open-addressing hash table on torch tensors.
+"""The torch id map: int64 id -> row index, an open-addressing hash table on torch tensors.
 
 Rows are numbered in insertion order (0, 1, 2, ...) and never move, so a row index
 stays valid for the table's lifetime. Buckets use linear probing from
@@ -28,7 +28,7 @@ def bucket_count_for(num_ids: int) -> int:
     return buckets
 
 
-class IdMap(KeysByRow):
+class TorchIdMap(KeysByRow):
     """Maps int64 ids to dense row indices ``0 .. len(self) - 1``."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
@@ -86,29 +86,6 @@ class IdMap(KeysByRow):
         self._row_keys.append(ids)
         self._size += count
         return new_rows
-
-    def find_or_insert(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of ids, inserting the absent ones; returns ``(rows, is_new)``.
-
-        Ids may repeat: new ids get rows in order of first appearance, and only the
-        first occurrence of a new id is flagged new.
-        """
-        rows = self.find(ids)
-        absent = torch.nonzero(rows < 0).reshape(-1)
-        is_new = torch.zeros_like(rows, dtype=torch.bool)
-        if absent.numel() == 0:
-            return rows, is_new
-        new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
-        first = torch.full_like(new_ids, absent.numel()).scatter_reduce_(
-            0, inverse, torch.arange(absent.numel(), device=self.device), reduce="amin"
-        )
-        by_appearance = torch.argsort(first)
-        rank = torch.empty_like(by_appearance)
-        rank[by_appearance] = torch.arange(by_appearance.numel(), device=self.device)
-        new_rows = self.insert_new(new_ids[by_appearance])
-        rows[absent] = new_rows[rank[inverse]]
-        is_new[absent[first]] = True
-        return rows, is_new
 
     def clear(self) -> None:
         self._size = 0

@@ -1,51 +1,59 @@
 """Python front of the native row kernels (``torch.ops.recis``): same signatures and
 results (to float32 rounding) as the pure-torch kernels beside this file.
 
-Each function runs the native kernel for the layouts it supports (contiguous tables;
-float32 or float64 slots on CPU, float32 on CUDA; float32, bfloat16, float16 or float64
-rows no wider than their slots; a device the library has kernels for) and hands
-anything else to the torch kernel it mirrors.
+Layouts the kernels take. CPU: rows and slots of any floating dtype (float32, float64,
+bfloat16, float16), math in float32, or float64 when the rows or the slots are float64;
+AdamWTF tensors of any floating dtype, non-contiguous ones through contiguous copies.
+CUDA: float32 slots and gradients, float32, bfloat16 or float16 rows. Tables are
+contiguous and 2-D. Anything else raises ``NativeLayoutError`` (the torch kernels,
+``RECIS_BACKEND=torch``, run it): a kernel never hands a call to the torch kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from recis.ops import adamw_tf_update, coalesce
-from recis.ops.native_library import has_kernels_for
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
-from recis.ops.sparse_adam_update import sparse_adam_update as torch_sparse_adam_update
 
-_DECAY_CODES = {WeightDecay.L2: 0, WeightDecay.DECOUPLED: 1, WeightDecay.DECOUPLED_NO_LR: 2}
-_EPSILON_CODES = {EpsilonPlacement.CORRECTED: 0, EpsilonPlacement.UNCORRECTED: 1}
-_STATE_DTYPES = (torch.float32, torch.float64)
-_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The codes of common/adam_rule.h's enums (tests/kernels/test_rule_codes.py checks them).
+DECAY_CODES = {WeightDecay.L2: 0, WeightDecay.DECOUPLED: 1, WeightDecay.DECOUPLED_NO_LR: 2}
+EPSILON_CODES = {EpsilonPlacement.CORRECTED: 0, EpsilonPlacement.UNCORRECTED: 1}
+_FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_ROWS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class NativeLayoutError(RuntimeError):
+    """A tensor layout no native kernel takes."""
+
+
+def _unsupported(op: str, layout: str) -> NativeLayoutError:
+    return NativeLayoutError(f"the native {op} does not take {layout}; RECIS_BACKEND=torch runs it")
 
 
 def _compute_dtype(weight: torch.Tensor, exp_avg: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(exp_avg.dtype, weight.dtype), torch.float32)
 
 
-def _native_layout(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
-    """Whether the fused kernel handles these tables (else the torch kernel does); CUDA: float32 slots."""
-    return (
-        has_kernels_for(weight.device)
-        and (exp_avg.dtype == torch.float32 or weight.device.type == "cpu")
-        and exp_avg.dtype in _STATE_DTYPES
-        and exp_avg_sq.dtype == exp_avg.dtype
-        and weight.dtype in _ROW_DTYPES
-        and weight.element_size() <= exp_avg.element_size()
-        and weight.dim() == 2
-        and all(t.is_contiguous() and t.device == weight.device for t in (weight, exp_avg, exp_avg_sq))
-    )
+def _check_update_layout(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    op = "sparse_adam_update"
+    tables = (weight, exp_avg, exp_avg_sq)
+    if weight.dim() != 2 or any(t.shape != weight.shape for t in tables):
+        raise _unsupported(op, f"tables of shapes {[tuple(t.shape) for t in tables]} (one 2-D shape)")
+    if any(t.device != weight.device for t in tables) or not all(t.is_contiguous() for t in tables):
+        raise _unsupported(op, "tables on several devices or non-contiguous tables")
+    if exp_avg.dtype != exp_avg_sq.dtype or any(t.dtype not in _FLOATING for t in tables):
+        raise _unsupported(op, f"rows of {weight.dtype} with slots of {exp_avg.dtype} and {exp_avg_sq.dtype}")
+    if weight.device.type == "cuda" and (exp_avg.dtype != torch.float32 or weight.dtype not in _CUDA_ROWS):
+        raise _unsupported(op, f"CUDA rows of {weight.dtype} with slots of {exp_avg.dtype} (float32 slots only)")
 
 
 def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Native ``recis.ops.coalesce.coalesce_rows``: radix grouping, sums in input order."""
     accumulate_dtype = torch.promote_types(grads.dtype, torch.float32)
-    supported = accumulate_dtype == torch.float32 or (accumulate_dtype in _STATE_DTYPES and grads.device.type == "cpu")
-    if grads.dim() != 2 or not supported or not has_kernels_for(grads.device):
-        return coalesce.coalesce_rows(rows, grads)
+    supported = (torch.float32,) if grads.device.type == "cuda" else (torch.float32, torch.float64)
+    if grads.dim() != 2 or accumulate_dtype not in supported or rows.device != grads.device:
+        layout = f"{grads.dim()}-D {grads.dtype} gradients on {grads.device} with rows on {rows.device}"
+        raise _unsupported("coalesce_rows", layout)
     return torch.ops.recis.coalesce_rows(rows.contiguous(), grads.to(accumulate_dtype).contiguous())
 
 
@@ -61,20 +69,14 @@ def sparse_adam_update(
     **hyper,
 ) -> None:
     """Native ``recis.ops.sparse_adam_update.sparse_adam_update`` (same arguments)."""
-    if not _native_layout(weight, exp_avg, exp_avg_sq):
-        torch_sparse_adam_update(weight, exp_avg, exp_avg_sq, rows, grad, step=step, row_steps=row_steps, **hyper)
-        return
+    _check_update_layout(weight, exp_avg, exp_avg_sq)
     grad = grad.to(_compute_dtype(weight, exp_avg)).contiguous()
-    _run(weight, exp_avg, exp_avg_sq, rows.contiguous(), grad, row_steps, step, hyper)
-
-
-def _run(weight, exp_avg, exp_avg_sq, rows, grad, row_steps, step, hyper) -> None:
     if row_steps is not None:
         row_steps = row_steps.view(-1)
     torch.ops.recis.sparse_adam_update(
-        weight, exp_avg, exp_avg_sq, rows, grad, row_steps,
+        weight, exp_avg, exp_avg_sq, rows.contiguous(), grad, row_steps,
         hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
-        _DECAY_CODES[hyper["decay"]], _EPSILON_CODES[hyper["epsilon"]], hyper["maximize"], int(step),
+        DECAY_CODES[hyper["decay"]], EPSILON_CODES[hyper["epsilon"]], hyper["maximize"], int(step),
     )  # fmt: skip
 
 
@@ -86,18 +88,19 @@ def adamw_tf_multi_tensor(
     state_steps: list[torch.Tensor],
     **hyper,
 ) -> None:
-    """Native ``recis.ops.adamw_tf_update.adamw_tf_multi_tensor``: one fused pass
-    over all tensors of one device and dtype."""
-    dtype = params[0].dtype if params else None
-    native = dtype in _STATE_DTYPES and all(
-        t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype and not t.is_sparse
-        for tensors in (params, grads, exp_avgs, exp_avg_sqs)
-        for t in tensors
-    )
-    if not native:
-        adamw_tf_update.adamw_tf_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
-        return
+    """Native ``recis.ops.adamw_tf_update.adamw_tf_multi_tensor``: one fused pass over
+    all tensors (CPU, one dtype); non-contiguous ones are updated through contiguous copies."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    dtype = params[0].dtype if params else torch.float32
+    foreign = any(t.is_sparse or t.device.type != "cpu" or t.dtype != dtype for ts in lists for t in ts)
+    if foreign or dtype not in _FLOATING:
+        raise _unsupported("adamw_tf_multi_tensor", "tensors that are not dense CPU tensors of one floating dtype")
+    dense = [[t.contiguous() for t in tensors] for tensors in lists]
     torch.ops.recis.adamw_tf_multi_tensor(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        *dense, state_steps,
         hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], hyper["maximize"],
     )  # fmt: skip
+    for originals, copies in zip((params, exp_avgs, exp_avg_sqs), (dense[0], dense[2], dense[3])):
+        for original, copy in zip(originals, copies):
+            if copy is not original:
+                original.copy_(copy)

@@ -28,8 +28,8 @@ class RowKeys:
         self._size = end
 
     def room_for(self, count: int) -> torch.Tensor:
-        """The whole buffer, grown to hold ``count`` keys, for a kernel that writes the keys
-        of new rows itself; ``set_length`` then records how many it wrote."""
+        """The whole buffer, grown to hold ``count`` keys (so a map can grow it before it
+        changes anything else, as growing can fail for memory)."""
         if count > self._buffer.numel():
             with torch.inference_mode(False):  # the keys outlive an inference_mode block they grow in
                 capacity = max(count, 2 * self._buffer.numel(), 64)
@@ -37,11 +37,6 @@ class RowKeys:
                 grown[: self._size] = self._buffer[: self._size]
             self._buffer = grown
         return self._buffer
-
-    def set_length(self, count: int) -> None:
-        if not self._size <= count <= self._buffer.numel():
-            raise ValueError(f"RowKeys length must be in [{self._size}, {self._buffer.numel()}], got {count}")
-        self._size = count
 
     def of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The ids held by ``rows`` (each in ``0 .. len(self) - 1``)."""

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from reference_hashing import mix64_int
 
 from recis.dist import owner_rank
-from recis.ops.hashing import mix64_int
 
 
 def test_owner_is_unsigned_mix64_modulo_world_size():

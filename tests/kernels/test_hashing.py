@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from reference_hashing import mix64_int
 
-from recis.ops.hashing import GOLDEN_GAMMA, logical_shift_right, mix64, mix64_int
+from recis.ops.hashing import GOLDEN_GAMMA, logical_shift_right, mix64
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

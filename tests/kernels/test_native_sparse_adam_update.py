@@ -9,12 +9,14 @@ import torch
 from native_support import assert_same, require_native
 
 from recis.ops import native_kernels
+from recis.ops.native_kernels import NativeLayoutError
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay, sparse_adam_update
 
 require_native()
 
 RULES = list(itertools.product(WeightDecay, EpsilonPlacement))
 HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+FLOATING = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _table(rows: int, dim: int, dtype: torch.dtype, state_dtype: torch.dtype, seed: int):
@@ -107,7 +109,17 @@ def test_untouched_rows_are_not_written():
         assert not torch.equal(a[rows], b[rows])
 
 
-def test_layouts_the_kernel_does_not_take_fall_back_to_torch():
-    # bfloat16 state and float64 rows over float32 state are handed to the torch kernel.
-    for dtype, state_dtype in ((torch.float32, torch.bfloat16), (torch.float64, torch.float32)):
-        _compare(dtype, state_dtype, WeightDecay.DECOUPLED, EpsilonPlacement.CORRECTED)
+@pytest.mark.parametrize("state_dtype", FLOATING, ids=str)
+@pytest.mark.parametrize("dtype", FLOATING, ids=str)
+def test_every_row_and_slot_dtype_matches(dtype, state_dtype):
+    # Math in float64 when rows or slots are float64, else float32; rows and slots rounded once.
+    _compare(dtype, state_dtype, WeightDecay.DECOUPLED, EpsilonPlacement.CORRECTED, per_row=True)
+
+
+def test_a_layout_the_kernel_does_not_take_is_an_error_that_names_the_torch_backend():
+    weight, exp_avg, exp_avg_sq = (torch.zeros(8, 4).t() for _ in range(3))  # non-contiguous tables
+    with pytest.raises(NativeLayoutError, match="non-contiguous tables; RECIS_BACKEND=torch runs it"):
+        native_kernels.sparse_adam_update(
+            weight, exp_avg, exp_avg_sq, torch.tensor([0]), torch.ones(1, 8), step=1, decay=WeightDecay.L2,
+            epsilon=EpsilonPlacement.CORRECTED, maximize=False, **HYPER,
+        )  # fmt: skip

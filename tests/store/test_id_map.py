@@ -1,10 +1,11 @@
-"""recis.ops.id_map.IdMap against a Python dict reference."""
+"""recis.ops.IdMap (on the backend of the ``backend`` fixture) against a Python dict reference."""
 
 from __future__ import annotations
 
 import torch
+from id_map_support import find_or_insert
 
-from recis.ops.id_map import IdMap
+from recis.ops import IdMap
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -25,12 +26,12 @@ def _random_distinct_ids(count: int, seed: int) -> list[int]:
     return list(seen)
 
 
-def _insert_with_reference(id_map: IdMap, reference: dict[int, int], batch: list[int]) -> torch.Tensor:
+def _insert_with_reference(id_map, reference: dict[int, int], batch: list[int]) -> torch.Tensor:
     """find_or_insert a batch of distinct ids, mirroring it in ``reference`` and checking the rows."""
     expected_new = [v not in reference for v in batch]
     for value in batch:
         reference.setdefault(value, len(reference))
-    rows, is_new = id_map.find_or_insert(_ids(batch))
+    rows, is_new = find_or_insert(id_map, _ids(batch))
     assert is_new.tolist() == expected_new
     assert rows.tolist() == [reference[v] for v in batch]
     return rows
@@ -104,7 +105,7 @@ def test_extreme_ids_and_minus_one_are_valid_ids():
     special = [-1, 0, INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 1, -2]
     id_map = IdMap()
     assert id_map.find(_ids(special)).tolist() == [-1] * len(special)
-    rows, is_new = id_map.find_or_insert(_ids(special))
+    rows, is_new = find_or_insert(id_map, _ids(special))
     assert rows.tolist() == list(range(len(special)))
     assert is_new.all()
     assert id_map.find(_ids(special)).tolist() == list(range(len(special)))
@@ -125,7 +126,7 @@ def test_find_or_insert_mixes_present_and_new_ids():
     reference: dict[int, int] = {}
     _insert_with_reference(id_map, reference, [10, 20, 30, -1])
     batch = [30, 40, 10, INT64_MIN, 50, -1, INT64_MAX]
-    rows, is_new = id_map.find_or_insert(_ids(batch))
+    rows, is_new = find_or_insert(id_map, _ids(batch))
     assert is_new.tolist() == [False, True, False, True, True, False, True]
     # Present ids keep their rows; new ones get rows 4, 5, 6, 7 in order of appearance.
     assert rows.tolist() == [2, 4, 0, 5, 6, 3, 7]
@@ -150,7 +151,7 @@ def test_find_or_insert_many_rounds_against_dict_reference():
 def test_find_or_insert_and_find_of_an_empty_batch():
     id_map = IdMap()
     id_map.insert_new(_ids([1, 2]))
-    rows, is_new = id_map.find_or_insert(torch.empty(0, dtype=torch.int64))
+    rows, is_new = find_or_insert(id_map, torch.empty(0, dtype=torch.int64))
     assert rows.numel() == 0 and is_new.numel() == 0
     assert id_map.find(torch.empty(0, dtype=torch.int64)).numel() == 0
     assert id_map.insert_new(torch.empty(0, dtype=torch.int64)).numel() == 0
@@ -165,7 +166,7 @@ def test_clear_empties_the_map_and_restarts_rows_at_zero():
     assert len(id_map) == 0
     assert id_map.find(_ids(ids[:50])).tolist() == [-1] * 50
     assert id_map.keys_by_row().tolist() == []
-    rows, is_new = id_map.find_or_insert(_ids([ids[5], -1, ids[0]]))
+    rows, is_new = find_or_insert(id_map, _ids([ids[5], -1, ids[0]]))
     assert rows.tolist() == [0, 1, 2]
     assert is_new.all()
     assert id_map.keys_by_row().tolist() == [ids[5], -1, ids[0]]
@@ -190,7 +191,7 @@ def test_consecutive_and_strided_ids_against_dict_reference():
     batches = [list(range(0, 3000)), list(range(0, 300_000, 97)), list(range(-2000, 2000, 4))]
     for batch in batches:
         batch = list(dict.fromkeys(batch))
-        rows, _ = id_map.find_or_insert(_ids(batch))
+        rows, _ = find_or_insert(id_map, _ids(batch))
         for value in batch:
             reference.setdefault(value, len(reference))
         assert rows.tolist() == [reference[v] for v in batch]

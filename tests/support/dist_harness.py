@@ -4,7 +4,9 @@
 process group (file-store rendezvous, so no port can clash), calls
 ``fn(rank, world_size, *args)`` and returns the per-rank results (anything
 ``torch.save`` can write). A rank that raises fails the test with its traceback; a
-run past the deadline is killed and fails instead of hanging CI.
+run past the deadline is killed and fails instead of hanging CI. Ranks start with this
+process's environment, so they run the kernels of its ``RECIS_BACKEND`` (which the
+``backend`` fixture of tests/conftest.py sets for each test).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 // The memory floor of a sparse update, for the benchmark: read and write the touched
 // rows of weight, exp_avg and exp_avg_sq once (x = x * scale, scale given at run time
 // so nothing is elided), with the same parallel loop and prefetching as the update.
-// Any fused update of those rows moves at least these bytes.
+// Any fused update of those rows moves at least these bytes. Not shipped with recis:
+// benchmarks/sparse_update.py compiles it on its own (load_memory_floor, with csrc/cpu on
+// the include path) and calls it as torch.ops.recis.memory_floor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,6 +41,10 @@ void memory_floor(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, 
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(recis, m) {
+  m.def("memory_floor(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, float scale) -> ()");
+}
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) { m.impl("memory_floor", &memory_floor); }
 

@@ -1,0 +1,80 @@
+"""The kernels ``recis.ops`` exports: each call runs the backend ``choose_backend`` names
+for its tensors' device at that moment (``recis/ops/backend.py``), the native kernel
+(``native_kernels.py``, ``native_id_map.py``) or the torch one beside it."""
+
+from __future__ import annotations
+
+import torch
+
+from recis.ops import adamw_tf_update, coalesce, native_kernels
+from recis.ops.backend import choose_backend
+from recis.ops.id_map import TorchIdMap
+from recis.ops.native_id_map import NativeIdMap
+from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
+from recis.ops.sparse_adam_update import sparse_adam_update as torch_sparse_adam_update
+
+
+def IdMap(device: torch.device | str = "cpu") -> NativeIdMap | TorchIdMap:
+    """A new, empty id map on ``device``, of the backend in force; it keeps that backend."""
+    native = choose_backend(device, "id_map") == "native"
+    return NativeIdMap(device) if native else TorchIdMap(device)
+
+
+def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``grads[i]`` over equal ``rows[i]``: ``(unique_rows ascending, sums)``, the sums in
+    float32 or the wider dtype of ``grads`` (``recis.ops.coalesce.coalesce_rows``)."""
+    native = choose_backend(grads.device, "coalesce_rows") == "native"
+    return (native_kernels if native else coalesce).coalesce_rows(rows, grads)
+
+
+def sparse_adam_update(
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: WeightDecay,
+    epsilon: EpsilonPlacement,
+    maximize: bool,
+    step: int,
+    row_steps: torch.Tensor | None = None,
+) -> None:
+    """One fused Adam-family update of ``rows`` of ``weight`` and its two slots, in place
+    (the formulas: ``recis.ops.sparse_adam_update``)."""
+    native = choose_backend(weight.device, "sparse_adam_update") == "native"
+    kernel = native_kernels.sparse_adam_update if native else torch_sparse_adam_update
+    kernel(
+        weight, exp_avg, exp_avg_sq, rows, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decay=decay, epsilon=epsilon, maximize=maximize, step=step, row_steps=row_steps,
+    )  # fmt: skip
+
+
+def adamw_tf_multi_tensor(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """AdamWTF's update of dense tensors of one device and dtype, with their moments and step
+    counts, in place (the formula: ``recis.ops.adamw_tf_update``)."""
+    device = params[0].device if params else torch.device("cpu")
+    native = choose_backend(device, "adamw_tf_multi_tensor") == "native"
+    kernel = native_kernels.adamw_tf_multi_tensor if native else adamw_tf_update.adamw_tf_multi_tensor
+    kernel(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+    )  # fmt: skip
