@@ -28,6 +28,7 @@ ON_BOTH_BACKENDS = (
     "conformance/test_torch_conventions.py",
     "distributed/test_dist_behaviour.py",
     "distributed/test_dist_equivalence.py",
+    "distributed/test_grouped_exchange.py",
     "distributed/test_rank_backend.py",
     "nn",
     "optim",
