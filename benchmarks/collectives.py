@@ -51,14 +51,15 @@ class CollectiveCounter:
             for name in COLLECTIVES:
                 original = getattr(c10d, name, None)
                 if original is not None:
-                    wrapped = counter._wrap(name, original)
+                    wrapped = counter.wrap(name, original)
                     setattr(c10d, name, wrapped)
                     if getattr(dist, name, None) is original:
                         setattr(dist, name, wrapped)
             cls._installed = counter
         return cls._installed
 
-    def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        """``original`` counting its calls into this counter (a call inside a counted call is not counted)."""
         @functools.wraps(original)
         def counted(*args: Any, **kwargs: Any) -> Any:
             if self._depth == 0:

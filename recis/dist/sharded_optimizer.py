@@ -225,8 +225,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def grad_dist(self) -> list[_OwnedGradient | None]:
         """Send every table's local gradient to the owners of its ids, all tables in one exchange.
 
-        Returns, per table, what this rank owns of the summed gradient, or None when no rank
-        had a gradient for the table (then its step count stays). Consumes the local gradients.
+        Returns, per table, the ids this rank owns and their gradient rows as the ranks sent
+        them (an id repeats when several ranks sent it), or None when no rank had a gradient
+        for the table (then its step count stays). Consumes the local gradients.
         """
         local = [route_.source.grad_by_id() for route_ in self._routes]
         ids = [self._no_ids(route_) if g is None else g[0] for route_, g in zip(self._routes, local)]
@@ -265,7 +266,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _rows_of_replicated(route_: _Route, gradient: _OwnedGradient) -> tuple[torch.Tensor, torch.Tensor]:
-        """The owner shard's rows of the gradient's ids, valued as the replica's current rows."""
+        """The owner shard's rows of the gradient's ids, valued as the replica's current rows.
+
+        Sums the gradient per id in place first, so that row_dist sends each id once.
+        """
         if gradient.repeats:
             gradient.ids, gradient.grad = coalesce_rows(gradient.ids, gradient.grad)
             gradient.repeats = False
