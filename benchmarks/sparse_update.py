@@ -212,7 +212,9 @@ def _time_kernels(tables, rows, generator, repeats: int, hyper: dict) -> dict:
     import torch
 
     from recis.ops import native_kernels
+    from recis.ops.native_library import load_native_library
 
+    load_native_library()  # native_kernels is called directly here, not through the backend switch
     load_memory_floor()
     for tensor in tables:
         tensor[rows] = 0.01

@@ -84,6 +84,10 @@ void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int6
       W* w_row = weight + r * dim;
       S* m_row = exp_avg + r * dim;
       S* v_row = exp_avg_sq + r * dim;
+      if constexpr (std::is_same_v<W, C> && std::is_same_v<S, C>) {  // the common case: no widening at all
+        update_row<C>(w_row, m_row, v_row, grad + u * dim, dim, s, per_row);
+        continue;
+      }
       update_row<C>(theta.load(w_row, dim), m.load(m_row, dim), v.load(v_row, dim), grad + u * dim, dim, s, per_row);
       theta.store(w_row, dim);
       m.store(m_row, dim);
