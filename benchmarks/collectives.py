@@ -60,6 +60,7 @@ class CollectiveCounter:
 
     def wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         """``original`` counting its calls into this counter (a call inside a counted call is not counted)."""
+
         @functools.wraps(original)
         def counted(*args: Any, **kwargs: Any) -> Any:
             if self._depth == 0:
