@@ -91,7 +91,7 @@ class RowStore:
             return rows
         new_ids = unique_ids[absent]
         values = new_rows[absent] if isinstance(new_rows, torch.Tensor) else new_rows(new_ids)
-        self.reserve_growing(len(self) + new_ids.numel())
+        self.grow(len(self) + new_ids.numel())
         inserted = self._id_map.insert_new(new_ids)
         self._weight.index_copy_(0, inserted, values.to(self._dtype))
         for slot in self._slots.values():
@@ -144,7 +144,7 @@ class RowStore:
         if row_count > self.capacity:
             self._resize(row_count)
 
-    def reserve_growing(self, row_count: int) -> None:
+    def grow(self, row_count: int) -> None:
         """Make room for ``row_count`` rows, at least doubling the buffers (amortized O(1) per row)."""
         if row_count > self.capacity:
             self._resize(max(row_count, 2 * self.capacity, 16))

@@ -134,3 +134,21 @@ def _bad_ids_in_one_table(rank: int, world_size: int) -> str:
 
 def test_bad_ids_of_one_table_on_one_rank_make_every_rank_raise():
     assert run_ranks(2, _bad_ids_in_one_table) == ["PeerError", "TypeError"]
+
+
+def _plain_optimizer_on_a_sharded_table(rank: int, world_size: int) -> str:
+    table = ShardedHashTable(4, name="item")
+    optimizer = SparseAdamW([table], lr=0.1)
+    table(torch.arange(3)).sum().backward()
+    before = table.weight.clone()
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        assert torch.equal(table.weight, before)
+        return str(error)
+    return "no error"
+
+
+def test_a_sharded_tables_gradient_is_applied_only_through_the_sharded_optimizer():
+    (message,) = run_ranks(1, _plain_optimizer_on_a_sharded_table)
+    assert "wrap the sparse optimizer in ShardedOptimizer" in message
