@@ -24,6 +24,7 @@ TESTS = Path(__file__).resolve().parent
 ON_BOTH_BACKENDS = (
     "checkpoint",
     "conformance/test_bad_input.py",
+    "conformance/test_nothing_changes_on_error.py",
     "conformance/test_reference_values.py",
     "conformance/test_torch_conventions.py",
     "distributed/test_dist_behaviour.py",

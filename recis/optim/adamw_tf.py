@@ -72,6 +72,7 @@ class AdamWTF(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()  # every group before any is updated: an error changes nothing
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
             beta1, beta2 = group["betas"]
@@ -91,13 +92,21 @@ class AdamWTF(Optimizer):
             )
         return loss
 
+    def _check_groups(self) -> None:
+        """Raise, changing nothing, if a group was edited into an invalid state or holds a sparse gradient."""
+        for group in self.param_groups:
+            check_lr(group["lr"])
+            check_betas(group["betas"])
+            check_eps(group["eps"])
+            check_weight_decay(group["weight_decay"])
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise RuntimeError("AdamWTF does not support sparse gradients; use recis.optim.SparseAdamWTF")
+
     def _gather(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], ...]:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamWTF does not support sparse gradients; use recis.optim.SparseAdamWTF")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)

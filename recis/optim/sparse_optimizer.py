@@ -115,7 +115,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         )
         self.defaults = defaults
         groups = _as_param_groups(params)
-        self._check_distinct_tables([self._validated_group(group) for group in groups])
+        validated = [self._validated_group(group) for group in groups]
+        self._check_distinct_tables(validated)
+        for group in validated:  # every table's slots before any table gains one
+            self._check_slots(group)
         self._grad_accum_steps = 1
         self._accum_phase = 0  # micro-steps taken since the last update
         super().__init__(groups, defaults)
@@ -355,11 +358,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         ]
         new_state = {}
         for index, table_state in state_dict["state"].items():
-            table = tables[int(index)]
-            saved_name = table_state.get("table")
-            if saved_name is not None and table.name is not None and saved_name != table.name:
-                raise ValueError(f"state dict entry {index} belongs to table {saved_name!r}, not {table.name!r}")
-            new_state[table] = {k: copy.deepcopy(v) for k, v in table_state.items() if k != "table"}
+            table = _table_at(tables, index)
+            new_state[table] = _checked_table_state(index, table, table_state)
         accum_steps, phase = state_dict.get("grad_accum_steps", 1), state_dict.get("accum_phase", 0)
         if not (isinstance(accum_steps, int) and accum_steps >= 1 and 0 <= phase < accum_steps):
             raise ValueError(f"state dict has grad_accum_steps={accum_steps!r}, accum_phase={phase!r}")
@@ -375,3 +375,35 @@ class SparseOptimizer(torch.optim.Optimizer):
                 self.prepare_table(table, group)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+_TABLE_STATE_KEYS = {"step", "nonfinite_rows"}
+
+
+def _table_at(tables: list[HashTable], index: Any) -> HashTable:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(tables):
+        raise ValueError(f"state dict has an entry for table {index!r}; the optimizer has tables 0..{len(tables) - 1}")
+    return tables[index]
+
+
+def _checked_table_state(index: int, table: HashTable, table_state: Any) -> dict[str, Any]:
+    """A copy of one table's saved state (its step count and non-finite row count), or a clear error."""
+    if not isinstance(table_state, dict):
+        raise ValueError(f"state dict entry {index} must be a dict, got {type(table_state).__name__}")
+    saved_name = table_state.get("table")
+    if saved_name is not None and table.name is not None and saved_name != table.name:
+        raise ValueError(f"state dict entry {index} belongs to table {saved_name!r}, not {table.name!r}")
+    keys = set(table_state) - {"table"}
+    if keys != _TABLE_STATE_KEYS:
+        raise ValueError(
+            f"state dict entry {index} holds {sorted(keys)}; a sparse optimizer's table state holds "
+            f"{sorted(_TABLE_STATE_KEYS)} (is this another optimizer's state dict?)"
+        )
+    step, nonfinite = table_state["step"], table_state["nonfinite_rows"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"state dict entry {index} has step={step!r}; it must be an int >= 0")
+    if not isinstance(nonfinite, torch.Tensor) or nonfinite.dtype != torch.int64 or nonfinite.dim() != 0:
+        raise ValueError(f"state dict entry {index} has nonfinite_rows={nonfinite!r}; it must be a 0-dim int64 tensor")
+    if int(nonfinite) < 0:
+        raise ValueError(f"state dict entry {index} has nonfinite_rows={int(nonfinite)}; it must be >= 0")
+    return {"step": step, "nonfinite_rows": nonfinite.clone()}

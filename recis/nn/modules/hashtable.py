@@ -466,6 +466,7 @@ def _matrix_problem(
     expected = f"({rows}, {', '.join(map(str, row_shape or (width,)))})"
     if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or key.endswith(".step")):
         return f"'{key}' must be a floating tensor of shape {expected}, got {getattr(value, 'dtype', type(value))}"
-    if value.dim() < 1 or value.shape[0] != rows or value.numel() != rows * width:
+    allowed = {(rows, width), (rows, *(row_shape or (width,)))} | ({(rows,)} if width == 1 else set())
+    if tuple(value.shape) not in allowed:  # the shape, not just the element count: 0 rows of any width are 0 elements
         return f"'{key}' has shape {tuple(value.shape)}, expected {expected}"
     return None
