@@ -211,19 +211,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.optimizer.micro_step():  # gradients stay local: nothing is sent
+        if not self.optimizer.update_due:  # a micro-step: gradients stay local, nothing is sent
+            self.optimizer.micro_step()
             self.last_step_bytes_sent = 0
             return loss
         sent_before = traffic.bytes_sent
-        owned = self.grad_dist()
+        owned = self.grad_dist(self._group_problem())  # a bad group on any rank: every rank raises
+        self.optimizer.micro_step()  # the update is due: this checks again and ends the window
         self.apply(owned)
         self.row_dist(owned)
         self.last_step_bytes_sent = traffic.bytes_sent - sent_before
         return loss
 
     # ------------------------------------------------------------------ step, 1: grad_dist
-    def grad_dist(self) -> list[_OwnedGradient | None]:
+    def _group_problem(self) -> Exception | None:
+        """Why this rank's param groups cannot be applied (a bad lr, say), or None."""
+        try:
+            self.optimizer.check_param_groups()
+        except (TypeError, ValueError) as problem:
+            return problem
+        return None
+
+    def grad_dist(self, error: Exception | None = None) -> list[_OwnedGradient | None]:
         """Send every table's local gradient to the owners of its ids, all tables in one exchange.
+
+        With ``error`` (this rank cannot take part) the other ranks are told, every rank
+        raises, and nothing changes: the gradients stay where they are.
 
         Returns, per table, the ids this rank owns and their gradient rows as the ranks sent
         them (an id repeats when several ranks sent it), or None when no rank had a gradient
@@ -232,7 +245,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         local = [route_.source.grad_by_id() for route_ in self._routes]
         ids = [self._no_ids(route_) if g is None else g[0] for route_, g in zip(self._routes, local)]
         flags = [int(g is not None) for g in local]
-        routing, sorted_ids = route(ids, self.process_group, flags=flags)
+        routing, sorted_ids = route(ids, self.process_group, error, flags=flags)
         grads = [
             routing.by_owner(t, self._no_grad(route_) if g is None else g[1].to(_grad_dtype(route_.source)))
             for t, (route_, g) in enumerate(zip(self._routes, local))

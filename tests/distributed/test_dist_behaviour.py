@@ -306,3 +306,26 @@ def test_a_wrap_that_fails_midway_changes_nothing_and_untrained_rows_are_not_cop
     assert unchanged == (True, True, True), "a failed wrap left tables swapped, state moved or slots dropped"
     assert trained_rows == len(_WARMUP_IDS), "the trained rows moved into the owner shard"
     assert preloaded_rows == 0, "rows no optimizer step touched stay out of the shard"
+
+
+def _bad_lr_on_one_rank(rank, world_size):
+    table = ShardedHashTable(4, name="item")
+    optimizer = ShardedOptimizer(SparseAdamW([table], lr=0.1))
+    optimizer.zero_grad()
+    table(torch.arange(6)).sum().backward()
+    before = table.weight.clone()
+    if rank == 1:
+        optimizer.param_groups[0]["lr"] = -1.0  # as a buggy scheduler would, on one rank only
+    start = time.monotonic()
+    try:
+        optimizer.step()
+    except Exception as error:  # noqa: BLE001 (the test reports which error each rank saw)
+        return type(error).__name__, str(error), time.monotonic() - start, torch.equal(table.weight, before)
+    return "no error", "", 0.0, False
+
+
+def test_a_bad_lr_on_one_rank_makes_every_rank_raise_at_the_step_and_changes_nothing():
+    results = run_ranks(2, _bad_lr_on_one_rank, deadline_s=60)
+    assert results[0][0] == "PeerError" and "rank 1" in results[0][1]
+    assert results[1][0] == "ValueError" and "learning rate" in results[1][1]
+    assert all(seconds < 10 and unchanged for _, _, seconds, unchanged in results)
