@@ -9,9 +9,9 @@ from two_table_training import (
     assert_replicas_equal_reference,
     global_batches,
     make_optimizer,
-    owned_state,
     reference_state,
     train,
+    trained_results,
 )
 
 import recis.checkpoint as ck
@@ -33,23 +33,11 @@ def _train_and_save(rank, world_size, root, kind):
     ck.save(root, model, optimizer, extra={"step": SAVED_AT})
 
 
-def _results(model, optimizer, kind):
-    owned = {
-        table.name: owned_state(table, optimizer.state[table]["step"])
-        for group in optimizer.param_groups
-        for table in group["params"]
-    }
-    replicas = {}
-    if kind == "replicated":
-        replicas = {t.name: (t.local_ids(), t.weight.clone()) for t in (model.user, model.item)}
-    return {"owned": owned, "replicas": replicas}
-
-
 def _load_and_continue(rank, world_size, root, kind):
     model, optimizer = _build(kind, distributed=True)
     assert ck.load(root, model, optimizer) == {"step": SAVED_AT}
     train(model, optimizer, global_batches(1)[SAVED_AT:], rank, world_size)
-    return _results(model, optimizer, kind)
+    return trained_results(model, optimizer, kind)
 
 
 def _assert_matches_uninterrupted(per_rank, kind, case):
@@ -74,7 +62,7 @@ def test_a_sharded_checkpoint_continues_in_one_plain_process_and_back(tmp_path):
     model, optimizer = _build("plain", distributed=False)  # no process group at all
     assert ck.load(tmp_path / "sharded", model, optimizer) == {"step": SAVED_AT}
     train(model, optimizer, global_batches(1)[SAVED_AT:], rank=0, world_size=1)
-    _assert_matches_uninterrupted([_results(model, optimizer, "plain")], "sharded", "2 ranks -> 1 process")
+    _assert_matches_uninterrupted([trained_results(model, optimizer, "plain")], "sharded", "2 ranks -> 1 process")
 
     model, optimizer = _build("plain", distributed=False)
     train(model, optimizer, global_batches(1)[:SAVED_AT], rank=0, world_size=1)

@@ -67,21 +67,26 @@ def owned_state(table: HashTable, step: int) -> dict:
     return state
 
 
+def trained_results(model: nn.Module, optimizer, kind: str) -> dict:
+    """What a rank holds after training: its owned rows and slots, and, for replicated tables, the replicas."""
+    owned = {
+        table.name: owned_state(table, optimizer.state[table]["step"])
+        for group in optimizer.param_groups
+        for table in group["params"]
+    }
+    replicas = {}
+    if kind == "replicated":
+        replicas = {t.name: (t.local_ids(), t.weight.clone()) for t in (model.user, model.item)}
+    return {"owned": owned, "replicas": replicas}
+
+
 def run_cases(rank: int, world_size: int) -> dict:
     results = {}
     for optimizer_name, kind, accum, bias_correction in CASES:
         model = TwoTables(ShardedHashTable if kind == "sharded" else HashTable)
         optimizer = ShardedOptimizer(make_optimizer(optimizer_name, model, bias_correction, accum))
         train(model, optimizer, global_batches(accum), rank, world_size)
-        owned = {
-            table.name: owned_state(table, optimizer.state[table]["step"])
-            for group in optimizer.param_groups
-            for table in group["params"]
-        }
-        replicas = {}
-        if kind == "replicated":
-            replicas = {name: (t.ids(), t.weight.clone()) for name, t in (("user", model.user), ("item", model.item))}
-        results[(optimizer_name, kind, accum, bias_correction)] = {"owned": owned, "replicas": replicas}
+        results[(optimizer_name, kind, accum, bias_correction)] = trained_results(model, optimizer, kind)
     return results
 
 
