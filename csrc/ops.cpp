@@ -12,7 +12,8 @@ TORCH_LIBRARY(recis, m) {
       "int epsilon, bool maximize, int step) -> ()");
   m.def("coalesce_rows(Tensor rows, Tensor grads) -> (Tensor, Tensor)");
   m.def("id_map_find(Tensor buckets, Tensor ids) -> Tensor");
-  m.def("id_map_insert(Tensor(a!) buckets, Tensor ids, int first_row) -> ()");
+  m.def("id_map_insert(Tensor(a!) buckets, Tensor ids, Tensor rows) -> ()");
+  m.def("id_map_erase(Tensor(a!) buckets, Tensor ids) -> Tensor");
   m.def("id_map_rehash(Tensor buckets, int bucket_count) -> Tensor");
   m.def(
       "adamw_tf_multi_tensor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

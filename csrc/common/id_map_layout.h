@@ -1,11 +1,12 @@
 // Layout of the open-addressing id map shared by the CPU and CUDA kernels.
 //
 // The map is an int64 tensor of shape (bucket_count, 2): bucket b holds (key, row);
-// row == -1 marks an empty bucket, so every int64 value, -1 and the extremes included,
-// is a valid key. bucket_count is a power of two; an id's probe sequence is linear
-// from its home bucket mix64(id) & (bucket_count - 1), where mix64 is the splitmix64
-// finalizer (the same as recis/ops/hashing.py). Rows are numbered 0, 1, 2, ... in
-// insertion order and never move.
+// row == -1 marks an empty bucket and row == -2 an erased one (a tombstone: probes go
+// on past it), so every int64 value, -1 and the extremes included, is a valid key.
+// bucket_count is a power of two; an id's probe sequence is linear from its home bucket
+// mix64(id) & (bucket_count - 1), where mix64 is the splitmix64 finalizer (the same as
+// recis/ops/hashing.py). Insertion takes only empty buckets; a rehash drops tombstones.
+// The caller chooses the rows and keeps live + erased buckets <= bucket_count / 2.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +20,7 @@
 namespace recis {
 
 constexpr int64_t kEmptyRow = -1;
+constexpr int64_t kErasedRow = -2;
 
 RECIS_ID_MAP_FN uint64_t mix64(uint64_t x) {
   x ^= x >> 30;

@@ -1,6 +1,7 @@
 // The id map on CPU: find (parallel), insertion of absent, distinct ids with the rows
-// first_row, first_row + 1, ... in order, and rehash into a larger bucket array.
-// Layout: common/id_map_layout.h. The caller keeps the load factor <= 1/2.
+// the caller chose, erasure (a tombstone per erased id), and rehash into a fresh bucket
+// array without the tombstones. Layout: common/id_map_layout.h. The caller keeps live
+// plus erased buckets <= 1/2 of the buckets.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +26,14 @@ struct Buckets {
   // The bucket holding id, or the empty bucket where its probe sequence ends.
   int64_t probe(int64_t id) const {
     int64_t b = home_bucket(id, count);
-    while (row(b) != kEmptyRow && key(b) != id) b = next(b);
+    while (row(b) != kEmptyRow && (row(b) == kErasedRow || key(b) != id)) b = next(b);
+    return b;
+  }
+
+  // The first empty bucket of id's probe sequence (for ids known to be absent).
+  int64_t first_empty(int64_t id) const {
+    int64_t b = home_bucket(id, count);
+    while (row(b) != kEmptyRow) b = next(b);
     return b;
   }
 };
@@ -57,31 +65,48 @@ at::Tensor find(const at::Tensor& table, const at::Tensor& ids) {
   return rows;
 }
 
-// Place ids[i], absent and pairwise distinct (the caller's promise), with row
-// first_row + i, each in the first empty bucket of its probe sequence.
-void insert(at::Tensor table, const at::Tensor& ids, int64_t first_row) {
+// Place ids[i], absent and pairwise distinct (the caller's promise), with row rows[i],
+// each in the first empty bucket of its probe sequence.
+void insert(at::Tensor table, const at::Tensor& ids, const at::Tensor& rows) {
   check_ids(ids);
+  check_ids(rows);
+  TORCH_CHECK(rows.numel() == ids.numel(), "id_map_insert: ", ids.numel(), " ids but ", rows.numel(), " rows");
   const Buckets buckets = buckets_of(table);
-  TORCH_CHECK(2 * (first_row + ids.numel()) <= buckets.count, "id map would exceed load 1/2");
   const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < ids.numel(); ++i) {
     if (i + kPrefetchDistance < ids.numel()) buckets.prefetch(id[i + kPrefetchDistance]);
-    const int64_t b = buckets.probe(id[i]);
+    const int64_t b = buckets.first_empty(id[i]);
     buckets.slots[2 * b] = id[i];
-    buckets.slots[2 * b + 1] = first_row + i;
+    buckets.slots[2 * b + 1] = row[i];
   }
 }
 
-// The same keys and rows in a fresh array of bucket_count buckets.
+// Erase distinct ids: each present one's bucket becomes a tombstone. Returns the row
+// each id had, -1 where it was absent.
+at::Tensor erase(at::Tensor table, const at::Tensor& ids) {
+  check_ids(ids);
+  const Buckets buckets = buckets_of(table);
+  at::Tensor rows = at::empty_like(ids);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  int64_t* out = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    const int64_t b = buckets.probe(id[i]);
+    out[i] = buckets.row(b);
+    if (out[i] != kEmptyRow) buckets.slots[2 * b + 1] = kErasedRow;
+  }
+  return rows;
+}
+
+// The live keys and rows in a fresh array of bucket_count buckets (tombstones dropped).
 at::Tensor rehash(const at::Tensor& table, int64_t bucket_count) {
   const Buckets old = buckets_of(table);
   at::Tensor grown = at::empty({bucket_count, 2}, table.options());
   grown.select(1, 1).fill_(kEmptyRow);
   const Buckets fresh = buckets_of(grown);
   for (int64_t b = 0; b < old.count; ++b) {
-    if (old.row(b) == kEmptyRow) continue;
-    int64_t to = home_bucket(old.key(b), bucket_count);
-    while (fresh.row(to) != kEmptyRow) to = fresh.next(to);
+    if (old.row(b) < 0) continue;
+    const int64_t to = fresh.first_empty(old.key(b));
     fresh.slots[2 * to] = old.key(b);
     fresh.slots[2 * to + 1] = old.row(b);
   }
@@ -93,6 +118,7 @@ at::Tensor rehash(const at::Tensor& table, int64_t bucket_count) {
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
   m.impl("id_map_find", &find);
   m.impl("id_map_insert", &insert);
+  m.impl("id_map_erase", &erase);
   m.impl("id_map_rehash", &rehash);
 }
 

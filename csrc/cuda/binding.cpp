@@ -123,16 +123,30 @@ at::Tensor id_map_find_op(const at::Tensor& buckets, const at::Tensor& ids) {
   return rows;
 }
 
-void id_map_insert_op(at::Tensor buckets, const at::Tensor& ids, int64_t first_row) {
+void id_map_insert_op(at::Tensor buckets, const at::Tensor& ids, const at::Tensor& rows) {
   constexpr const char* op = "CUDA id_map_insert";
   const c10::cuda::CUDAGuard guard(buckets.device());
   check_buckets(op, buckets);
   check_int64_vector(op, "ids", ids);
-  check_on(op, buckets, {&buckets, &ids});
-  TORCH_CHECK(2 * (first_row + ids.numel()) <= buckets.size(0), op, ": the map would exceed load 1/2");
+  check_int64_vector(op, "rows", rows);
+  check_on(op, buckets, {&buckets, &ids, &rows});
+  TORCH_CHECK(rows.numel() == ids.numel(), op, ": ", ids.numel(), " ids but ", rows.numel(), " rows");
   check(recis::cuda::id_map_insert(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), ids.numel(),
-                                   first_row, stream()),
+                                   rows.data_ptr<int64_t>(), stream()),
         "id_map_insert");
+}
+
+at::Tensor id_map_erase_op(at::Tensor buckets, const at::Tensor& ids) {
+  constexpr const char* op = "CUDA id_map_erase";
+  const c10::cuda::CUDAGuard guard(buckets.device());
+  check_buckets(op, buckets);
+  check_int64_vector(op, "ids", ids);
+  check_on(op, buckets, {&buckets, &ids});
+  at::Tensor rows = at::empty_like(ids);
+  check(recis::cuda::id_map_erase(buckets.data_ptr<int64_t>(), buckets.size(0), ids.data_ptr<int64_t>(), ids.numel(),
+                                  rows.data_ptr<int64_t>(), stream()),
+        "id_map_erase");
+  return rows;
 }
 
 at::Tensor id_map_rehash_op(const at::Tensor& buckets, int64_t bucket_count) {
@@ -157,6 +171,7 @@ TORCH_LIBRARY_IMPL(recis, CUDA, m) {
   m.impl("coalesce_rows", &coalesce_rows_op);
   m.impl("id_map_find", &id_map_find_op);
   m.impl("id_map_insert", &id_map_insert_op);
+  m.impl("id_map_erase", &id_map_erase_op);
   m.impl("id_map_rehash", &id_map_rehash_op);
 }
 

@@ -36,8 +36,10 @@ cudaError_t id_map_find(const int64_t* buckets, int64_t bucket_count, const int6
                         cudaStream_t stream);
 // Place ids[i] (absent from the map and pairwise distinct) with row first_row + i. The
 // caller keeps the map at most half full after the insert.
-cudaError_t id_map_insert(int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n, int64_t first_row,
+cudaError_t id_map_insert(int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n, const int64_t* rows,
                           cudaStream_t stream);
+cudaError_t id_map_erase(int64_t* buckets, int64_t bucket_count, const int64_t* ids, int64_t n, int64_t* rows,
+                         cudaStream_t stream);
 cudaError_t id_map_rehash(const int64_t* buckets, int64_t bucket_count, int64_t* grown, int64_t grown_count,
                           cudaStream_t stream);
 

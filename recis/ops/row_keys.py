@@ -1,8 +1,7 @@
 """The inverse of an id map: the id stored in each row, kept beside the buckets.
 
-An id map numbers rows 0, 1, 2, ... in insertion order and never moves them, so the
-inverse is an append-only array. Keeping it costs 8 bytes per row and makes "which
-ids do these rows hold" O(rows asked) instead of a scan of every bucket.
+Keeping it costs 8 bytes per row and makes "which ids do these rows hold" O(rows
+asked) instead of a scan of every bucket.
 """
 
 from __future__ import annotations
@@ -21,22 +20,23 @@ class RowKeys:
     def __len__(self) -> int:
         return self._size
 
-    def append(self, ids: torch.Tensor) -> None:
-        """Record ``ids`` as the keys of the next ``len(ids)`` rows."""
-        end = self._size + ids.numel()
-        self.room_for(end)[self._size : end] = ids
-        self._size = end
-
-    def room_for(self, count: int) -> torch.Tensor:
-        """The whole buffer, grown to hold ``count`` keys (so a map can grow it before it
-        changes anything else, as growing can fail for memory)."""
+    def room_for(self, count: int) -> None:
+        """Grow the buffer to hold ``count`` keys (so a map can grow it before it changes
+        anything else, as growing can fail for memory)."""
         if count > self._buffer.numel():
             with torch.inference_mode(False):  # the keys outlive an inference_mode block they grow in
                 capacity = max(count, 2 * self._buffer.numel(), 64)
                 grown = torch.empty(capacity, dtype=torch.int64, device=self._buffer.device)
                 grown[: self._size] = self._buffer[: self._size]
             self._buffer = grown
-        return self._buffer
+
+    def write(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Record ``ids`` as the keys of ``rows`` (within the room made)."""
+        self._buffer[rows] = ids
+
+    def resize(self, count: int) -> None:
+        """Make rows ``0 .. count - 1`` the rows that hold keys (within the room made)."""
+        self._size = count
 
     def of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The ids held by ``rows`` (each in ``0 .. len(self) - 1``)."""
@@ -45,17 +45,3 @@ class RowKeys:
     def all(self) -> torch.Tensor:
         """Every id in row order, as a new tensor (writing to it leaves the map alone)."""
         return self._buffer[: self._size].clone()
-
-
-class KeysByRow:
-    """The reads of an id map's ``RowKeys`` (in ``self._row_keys``), shared by both maps."""
-
-    _row_keys: RowKeys
-
-    def keys_by_row(self) -> torch.Tensor:
-        """All ids, ordered by their row (a new tensor)."""
-        return self._row_keys.all()
-
-    def keys_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The id held by each of ``rows``; O(len(rows))."""
-        return self._row_keys.of_rows(rows)

@@ -1,14 +1,19 @@
 """RowStore: the storage of one table, and the only code that touches it.
 
-A row store maps int64 ids to dense rows ``0 .. len(store) - 1`` (insertion order) and
-holds, for every row, its value (``weight``, ``dim`` elements of ``dtype``) and the
-optimizer slots registered on it (one 2-D tensor per slot name, same rows). Rows and
-slots live in buffers with spare capacity that double when full, on transparent huge
-pages where Linux allows (``recis.ops.huge_pages``).
+A row store maps int64 ids to dense rows ``0 .. len(store) - 1`` and holds, for every
+row, its value (``weight``, ``dim`` elements of ``dtype``), the optimizer slots
+registered on it (one 2-D tensor per slot name, same rows) and its metadata columns
+(one int64 per row and column name: when it was last seen, how often; the bounded-table
+policies keep them). Rows, slots and columns live in buffers with spare capacity that
+double when full, on transparent huge pages where Linux allows (``recis.ops.huge_pages``).
 
-Row numbers are stable until the store is renumbered (``load``, ``remove``, ``clear``,
-a move to another device); ``generation`` counts those renumberings, so a holder of
-row numbers (a pending gradient) can tell that they went stale.
+New ids are appended in insertion order. ``replace`` gives the rows of evicted ids to
+new ids in place, in O(rows replaced); ``remove`` moves the last rows into the holes
+it leaves, in O(rows removed). A row's storage is always reused, so memory stays flat
+under eviction. Row numbers are stable until rows are renumbered (``load``, ``remove``,
+``clear``, a move to another device); ``generation`` counts those renumberings, and
+``replacements`` counts ``replace`` calls, so a holder of row numbers (a lookup waiting
+for its backward) can tell that they may have gone stale.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ class RowStore:
         self._id_map = IdMap(device)
         self._weight = torch.empty((0, dim), dtype=dtype, device=device)
         self._slots: dict[str, torch.Tensor] = {}
+        self._columns: dict[str, torch.Tensor] = {}
         self._generation = generation
+        self._replacements = 0
 
     # ------------------------------------------------------------------ shape
     def __len__(self) -> int:
@@ -69,6 +76,11 @@ class RowStore:
         return self._generation
 
     @property
+    def replacements(self) -> int:
+        """How many ``replace`` calls gave rows to new ids."""
+        return self._replacements
+
+    @property
     def weight(self) -> torch.Tensor:
         """All rows, ``(len(self), dim)``, in row order; a view."""
         return self._weight[: len(self)]
@@ -94,10 +106,25 @@ class RowStore:
         self.grow(len(self) + new_ids.numel())
         inserted = self._id_map.insert_new(new_ids)
         self._weight.index_copy_(0, inserted, values.to(self._dtype))
-        for slot in self._slots.values():
-            slot.index_fill_(0, inserted, 0)
+        self._zero_extras(inserted)
         rows[absent] = inserted
         return rows
+
+    def replace(self, rows: torch.Tensor, new_ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Give distinct present ``rows`` to distinct absent ``new_ids`` with first ``values``:
+        the rows' old ids leave the table; slots and columns of the rows restart at zero.
+        Other rows keep their numbers. O(len(rows))."""
+        values = values.to(self._dtype)
+        old_ids = self._id_map.keys_of_rows(rows)
+        self._id_map.erase(old_ids)
+        self._id_map.insert_new(new_ids, rows)
+        self._weight.index_copy_(0, rows, values)
+        self._zero_extras(rows)
+        self._replacements += 1
+
+    def _zero_extras(self, rows: torch.Tensor) -> None:
+        for storage in (*self._slots.values(), *self._columns.values()):
+            storage.index_fill_(0, rows, 0)
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The values of ``rows``, ``(len(rows), dim)``; a copy."""
@@ -120,19 +147,31 @@ class RowStore:
         """The ids stored in ``rows``; O(len(rows))."""
         return self._id_map.keys_of_rows(rows)
 
-    def remove(self, ids: torch.Tensor) -> int:
-        """Remove the present ids among ``ids`` with their rows and slots; returns how many.
+    def remove(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove the present ids among ``ids`` with their rows, slots and columns.
 
-        The remaining rows are renumbered (kept in order), in O(len(self)).
+        The last rows move into the holes, so the cost is O(rows removed). Returns
+        ``(moved_from, moved_to)``: the old and new numbers of the rows that moved.
         """
         rows = self._id_map.find(ids)
         rows = torch.unique(rows[rows >= 0])
+        nothing = rows[:0]
         if rows.numel() == 0:
-            return 0
-        keep = torch.ones(len(self), dtype=torch.bool, device=self._device)
-        keep[rows] = False
-        self.load(self.ids()[keep], self.weight[keep], {name: self.slot(name)[keep] for name in self._slots})
-        return rows.numel()
+            return nothing, nothing
+        remaining = len(self) - rows.numel()
+        holes = rows[rows < remaining]
+        tail = torch.arange(remaining, len(self), device=self._device)
+        movers = tail[~torch.isin(tail, rows)]
+        self._id_map.erase(self._id_map.keys_of_rows(rows))
+        if movers.numel():
+            mover_ids = self._id_map.keys_of_rows(movers)
+            self._id_map.erase(mover_ids)
+            self._id_map.insert_new(mover_ids, holes)
+            for storage in (self._weight, *self._slots.values(), *self._columns.values()):
+                storage.index_copy_(0, holes, storage.index_select(0, movers))
+        self._id_map.truncate(remaining)
+        self._generation += 1
+        return movers, holes
 
     def clear(self) -> None:
         """Remove every row (slot registrations stay)."""
@@ -152,6 +191,7 @@ class RowStore:
     def _resize(self, capacity: int) -> None:
         self._weight = self._grown(self._weight, capacity)
         self._slots = {name: self._grown(slot, capacity) for name, slot in self._slots.items()}
+        self._columns = {name: self._grown(column, capacity) for name, column in self._columns.items()}
 
     def _grown(self, storage: torch.Tensor, capacity: int) -> torch.Tensor:
         grown = empty_rows((capacity, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
@@ -191,12 +231,34 @@ class RowStore:
     def drop_slots(self) -> None:
         self._slots = {}
 
-    # ------------------------------------------------------------------ whole-store changes
-    def load(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
-        """Replace the whole content by distinct ``ids`` with their rows and slots.
+    # ------------------------------------------------------------------ metadata columns
+    def add_column(self, name: str) -> None:
+        """Register an int64 metadata column, zero for every row; no-op if it exists."""
+        if name not in self._columns:
+            self._columns[name] = torch.zeros(self.capacity, dtype=torch.int64, device=self._device)
 
-        Registered slots absent from ``slots`` start at zero; a slot in ``slots`` not yet
-        registered is registered with the given dtype. Rows are renumbered.
+    def column(self, name: str) -> torch.Tensor:
+        """The column ``name`` of every row, ``(len(self),)``; a view (write to it to set entries)."""
+        return self._columns[name][: len(self)]
+
+    def has_column(self, name: str) -> bool:
+        return name in self._columns
+
+    def column_names(self) -> list[str]:
+        return sorted(self._columns)
+
+    # ------------------------------------------------------------------ whole-store changes
+    def load(
+        self,
+        ids: torch.Tensor,
+        weight: torch.Tensor,
+        slots: dict[str, torch.Tensor],
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Replace the whole content by distinct ``ids`` with their rows, slots and columns.
+
+        Registered slots (columns) absent from ``slots`` (``columns``) start at zero; one
+        given but not yet registered is registered. Rows are renumbered in the order of ``ids``.
         """
         count = ids.numel()
         id_map = IdMap(self._device)
@@ -209,13 +271,23 @@ class RowStore:
         for name, slot in self._slots.items():
             if name not in new_slots:
                 new_slots[name] = zero_rows((count, slot.shape[1]), dtype=slot.dtype, device=self._device)
-        self._id_map, self._weight, self._slots = id_map, new_weight, new_slots
+        columns = columns or {}
+        new_columns = {name: self._stored(values.reshape(count), torch.int64) for name, values in columns.items()}
+        for name in self._columns:
+            if name not in new_columns:
+                new_columns[name] = torch.zeros(count, dtype=torch.int64, device=self._device)
+        self._id_map, self._weight, self._slots, self._columns = id_map, new_weight, new_slots, new_columns
         self._generation += 1
 
     def moved(self, device: torch.device, dtype: torch.dtype) -> RowStore:
         """A copy on ``device`` with rows cast to ``dtype`` (slots keep theirs); this store is unchanged."""
         copy = RowStore(self._dim, dtype, device, generation=self._generation)
-        copy.load(self.ids(), self.weight, {name: self.slot(name) for name in self._slots})
+        copy.load(
+            self.ids(),
+            self.weight,
+            {name: self.slot(name) for name in self._slots},
+            {name: self.column(name) for name in self._columns},
+        )
         return copy
 
     def _stored(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

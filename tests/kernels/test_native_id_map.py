@@ -128,3 +128,40 @@ def test_an_insert_that_fails_for_memory_changes_nothing(map_cls, monkeypatch):
     assert id_map.find(_ids([1000, 1001, 2000, 5])).tolist() == [-1, -1, -1, 5]
     assert find_or_insert(id_map, _ids([1001, 5]))[0].tolist() == [100, 5]
     assert id_map.keys_by_row().tolist() == [*range(100), 1001]
+
+
+@pytest.mark.parametrize("map_cls", MAPS)
+def test_erased_ids_are_absent_their_rows_take_new_ids_and_probes_pass_the_tombstones(map_cls):
+    generator = torch.Generator().manual_seed(11)
+    id_map = map_cls()
+    reference = {value: row for row, value in enumerate(range(0, 400, 3))}
+    id_map.insert_new(_ids(reference))
+    next_id = 10_000
+    for _ in range(40):  # erase some ids, give their rows to new ones: many tombstones, rehashes in place
+        chosen = torch.randperm(len(reference), generator=generator)[:7].tolist()
+        erased = [list(reference)[i] for i in chosen]
+        rows = id_map.erase(_ids(erased + [-12345]))
+        assert rows.tolist() == [reference.pop(value) for value in erased] + [-1]
+        new = list(range(next_id, next_id + 7))
+        next_id += 7
+        id_map.insert_new(_ids(new), rows[:7])
+        reference.update(zip(new, rows[:7].tolist()))
+        assert id_map.find(_ids(erased)).tolist() == [-1] * 7
+    assert len(id_map) == len(reference)
+    assert id_map.find(_ids(reference)).tolist() == list(reference.values())
+    keys = id_map.keys_by_row()
+    assert all(int(keys[row]) == value for value, row in reference.items())
+
+
+def test_native_and_torch_maps_agree_after_erasing_and_truncating():
+    native, torch_map = NativeIdMap(), TorchIdMap()
+    for id_map in (native, torch_map):
+        id_map.insert_new(_ids(range(100)))
+        id_map.erase(_ids([98, 99, 5]))
+        id_map.erase(_ids([97]))
+        id_map.insert_new(_ids([97]), torch.tensor([5]))
+        id_map.truncate(97)
+    probe = _ids(range(-5, 105))
+    assert torch.equal(native.find(probe), torch_map.find(probe))
+    assert torch.equal(native.keys_by_row(), torch_map.keys_by_row())
+    assert len(native) == 97 and native.find(_ids([97, 5])).tolist() == [5, -1]

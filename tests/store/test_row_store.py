@@ -1,4 +1,4 @@
-"""RowStore: ids to rows, rows and slots, and the changes that renumber rows."""
+"""RowStore: ids to rows, rows, slots and metadata columns, and the changes that reuse or renumber rows."""
 
 from __future__ import annotations
 
@@ -75,17 +75,47 @@ def test_growth_keeps_rows_and_slots():
     assert not store.slot("m")[10:].any()
 
 
-def test_remove_drops_rows_keeps_the_rest_in_order_and_renumbers():
-    store = _store_with(5, 6, 7, 8)
-    store.scatter(torch.arange(4), None, {"m": torch.arange(8.0).reshape(4, 2)})
+def test_remove_moves_the_last_rows_into_the_holes_and_reports_the_moves():
+    store = _store_with(5, 6, 7, 8, 9)
+    store.add_column("seen")
+    store.scatter(torch.arange(5), None, {"m": torch.arange(10.0).reshape(5, 2)})
+    store.column("seen")[:] = _ids(50, 60, 70, 80, 90)
     generation = store.generation
-    assert store.remove(_ids(6, 8, 99, 6)) == 2
-    assert torch.equal(store.ids(), _ids(5, 7))
-    assert store.weight.tolist() == [[50.0, 50.0], [70.0, 70.0]]
-    assert store.slot("m").tolist() == [[0.0, 1.0], [4.0, 5.0]]
-    assert store.find(_ids(6, 7)).tolist() == [-1, 1]
+    moved_from, moved_to = store.remove(_ids(6, 8, 99, 6))
+    assert (moved_from.tolist(), moved_to.tolist()) == ([4], [1])  # 9 fills 6's hole; 8 was in the tail
+    assert torch.equal(store.ids(), _ids(5, 9, 7))
+    assert store.weight.tolist() == [[50.0, 50.0], [90.0, 90.0], [70.0, 70.0]]
+    assert store.slot("m").tolist() == [[0.0, 1.0], [8.0, 9.0], [4.0, 5.0]]
+    assert store.column("seen").tolist() == [50, 90, 70]
+    assert store.find(_ids(6, 7, 8, 9)).tolist() == [-1, 2, -1, 1]
     assert store.generation == generation + 1
-    assert store.remove(_ids(99)) == 0 and store.generation == generation + 1
+    assert store.remove(_ids(99))[0].numel() == 0 and store.generation == generation + 1
+
+
+def test_replace_gives_rows_to_new_ids_with_fresh_slots_and_columns_and_keeps_other_rows():
+    store = _store_with(1, 2, 3)
+    store.add_column("seen")
+    store.scatter(torch.arange(3), None, {"m": torch.ones(3, 2)})
+    store.column("seen")[:] = 7
+    generation = store.generation
+    store.replace(torch.tensor([0, 2]), _ids(10, 30), torch.full((2, 2), -1.0))
+    assert torch.equal(store.ids(), _ids(10, 2, 30))
+    assert store.find(_ids(1, 3, 10, 30, 2)).tolist() == [-1, -1, 0, 2, 1]
+    assert store.weight[:, 0].tolist() == [-1.0, 20.0, -1.0]
+    assert store.slot("m")[:, 0].tolist() == [0.0, 1.0, 0.0]
+    assert store.column("seen").tolist() == [0, 7, 0]
+    assert store.generation == generation and store.replacements == 1
+
+
+def test_replacing_rows_again_and_again_keeps_memory_and_the_map_flat():
+    store = _store_with(*range(8))
+    capacity = store.capacity
+    for round_ in range(200):  # tombstones pile up and are swept by rehashes in place
+        new = _ids(*range(1000 + 4 * round_, 1004 + 4 * round_))
+        store.replace(torch.arange(4), new, torch.zeros(4, 2))
+    assert len(store) == 8 and store.capacity == capacity
+    assert store.find(_ids(1796, 1797, 1798, 1799, 4, 1000)).tolist() == [0, 1, 2, 3, 4, -1]
+    assert torch.equal(store.ids()[4:], _ids(4, 5, 6, 7))
 
 
 def test_load_replaces_everything_and_starts_absent_slots_at_zero():
