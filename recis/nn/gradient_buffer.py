@@ -46,5 +46,18 @@ class GradientBuffer:
         self._parts = []
         self._summed = False
 
+    def renumber(self, moved_from: torch.Tensor, moved_to: torch.Tensor) -> None:
+        """Rows renumbered ``moved_from[i] -> moved_to[i]`` (row keys only): follow them."""
+        if not self._parts or moved_from.numel() == 0:
+            return
+        renumbered = []
+        for keys, grad in self._parts:
+            order = torch.argsort(moved_from)
+            sorted_from = moved_from[order]
+            position = torch.searchsorted(sorted_from, keys).clamp(max=sorted_from.numel() - 1)
+            moved = sorted_from[position] == keys
+            renumbered.append((torch.where(moved, moved_to[order][position], keys), grad))
+        self._parts = renumbered
+
     def to(self, device: torch.device) -> None:
         self._parts = [(keys.to(device), grad.to(device)) for keys, grad in self._parts]

@@ -102,13 +102,18 @@ class RowStore:
         if not bool(absent.any()):
             return rows
         new_ids = unique_ids[absent]
-        values = new_rows[absent] if isinstance(new_rows, torch.Tensor) else new_rows(new_ids)
+        rows[absent] = self.insert(new_ids, new_rows[absent] if isinstance(new_rows, torch.Tensor) else new_rows)
+        return rows
+
+    def insert(self, new_ids: torch.Tensor, new_rows: NewRows) -> torch.Tensor:
+        """Append rows for distinct absent ``new_ids``: values ``new_rows(new_ids)`` or the given
+        ``(len(new_ids), dim)`` values, zero slots and columns. Returns their rows."""
+        values = new_rows if isinstance(new_rows, torch.Tensor) else new_rows(new_ids)
         self.grow(len(self) + new_ids.numel())
         inserted = self._id_map.insert_new(new_ids)
         self._weight.index_copy_(0, inserted, values.to(self._dtype))
         self._zero_extras(inserted)
-        rows[absent] = inserted
-        return rows
+        return inserted
 
     def replace(self, rows: torch.Tensor, new_ids: torch.Tensor, values: torch.Tensor) -> None:
         """Give distinct present ``rows`` to distinct absent ``new_ids`` with first ``values``:

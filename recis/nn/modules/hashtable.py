@@ -6,9 +6,11 @@ table's gradient is kept as values (row, gradient) in a ``GradientBuffer`` for a
 sparse optimizer of ``recis.optim``. ``filter_out_sparse_param(model)`` finds the
 tables of a model.
 
-Storage is a ``recis.store.RowStore`` (``table.store``): ids, rows in insertion
-order, and the optimizer slots. The table adds the differentiable lookup, the
-initializer of new rows, input checks and the module's state dict.
+Storage is a ``recis.store.RowStore`` (``table.store``): ids, rows, the optimizer
+slots and per-row metadata. A ``recis.nn.row_lifecycle.RowLifecycle`` decides which
+ids get rows and which rows go (admission, capacity eviction, filters) and counts it
+(``table.stats()``). The table adds the differentiable lookup, the initializer of new
+rows, input checks and the module's state dict.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from torch import nn
 
 from recis.nn.functional import GradReceiver, row_lookup
 from recis.nn.gradient_buffer import GradientBuffer
+from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import Initializer, default_initializer
+from recis.nn.row_lifecycle import RowLifecycle
+from recis.nn.tables_with_filters import register_filtered_table
 from recis.store import RowStore
 
 _SLOT_PREFIX = "slots."
+_COLUMN_PREFIX = "meta."
+_LIFECYCLE_PREFIX = "lifecycle."
 _PENDING_IDS = "pending_grad.ids"
 _PENDING_VALUES = "pending_grad.values"
 
@@ -48,11 +55,19 @@ class HashTable(nn.Module):
             by default uniform in +-1/sqrt(embedding_dim), deterministic in (seed, id).
         name: a label used in error messages and checkpoints.
         seed: seed of the initializer.
+        capacity: at most this many rows; a full table evicts by ``eviction`` to make
+            room for new ids (never a row of the current lookup nor one with a gradient
+            pending) and raises ``ValueError``, changing nothing, when it cannot.
+        eviction: ``"lru"`` (default with a capacity) or ``"lfu"``; see ``recis.nn.eviction``.
+        admit_hook: the ``AdmitHook`` of every lookup that passes none.
+        filter_hook: a ``FilterHook`` run by ``recis.hooks.filter_hook.HashTableFilterHook``.
 
     ``table(ids)`` returns ``ids.shape + embedding_shape``. In training mode absent ids
-    are inserted; in eval mode nothing is inserted and absent ids read as their initial
-    value. The result is differentiable: backward hands the gradient of each unique id
-    to the table (see ``pending_grad``), for a ``recis.optim`` sparse optimizer.
+    are inserted (as the admit hook allows); in eval mode nothing is inserted and absent
+    ids read as their initial value. With an admit hook (``table(ids, admit_hook=...)``),
+    ids without a row read zeros and get no update. The result is differentiable:
+    backward hands the gradient of each unique id to the table (see ``pending_grad``), for
+    a ``recis.optim`` sparse optimizer.
     """
 
     def __init__(
@@ -64,6 +79,10 @@ class HashTable(nn.Module):
         initializer: Initializer | None = None,
         name: str | None = None,
         seed: int = 0,
+        capacity: int | None = None,
+        eviction: str | None = None,
+        admit_hook: AdmitHook | None = None,
+        filter_hook: FilterHook | None = None,
     ) -> None:
         super().__init__()
         if not dtype.is_floating_point:
@@ -77,16 +96,37 @@ class HashTable(nn.Module):
         self.name = name
         self.seed = seed
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
+        self._lifecycle = RowLifecycle(
+            device, capacity=capacity, eviction=eviction, admit_hook=admit_hook, filter_hook=filter_hook
+        )
         self._store = RowStore(self.embedding_dim, dtype, device)
+        self._lifecycle.prepare(self._store)
         self._grad = GradientBuffer()
         # A leaf requiring grad that every differentiable lookup hangs from.
         self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
+        if filter_hook is not None:
+            register_filtered_table(self)
 
     # ------------------------------------------------------------------ properties
     @property
     def store(self) -> RowStore:
         """The table's storage: ids, rows and optimizer slots."""
         return self._store
+
+    @property
+    def lifecycle(self) -> RowLifecycle:
+        """Admission, eviction and filter policies of the table, with their counters."""
+        return self._lifecycle
+
+    @property
+    def capacity(self) -> int | None:
+        return self._lifecycle.capacity
+
+    def stats(self) -> dict[str, int | None]:
+        """Cheap counters: ``rows``, ``capacity``, ``inserted``, ``evicted`` (``evicted_capacity``
+        + ``evicted_filter``), ``not_admitted``, ``lookups`` and ``hits`` (``recis.nn.row_lifecycle``).
+        For a sharded table: this rank's rows and the lookups it served."""
+        return self._lifecycle.stats(len(self))
 
     @property
     def embedding_shape(self) -> tuple[int, ...]:
@@ -146,21 +186,43 @@ class HashTable(nn.Module):
             store = self._store.moved(probe.device, dtype)
             anchor = torch.empty(0, device=probe.device, requires_grad=True)
             self._grad.to(probe.device)
+            self._lifecycle.moved(probe.device)
             self._store, self._grad_anchor = store, anchor
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ reading
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, admit_hook: AdmitHook | None = None) -> torch.Tensor:
         flat = self.checked_ids(ids).reshape(-1)
+        admit_hook = self._checked_admit_hook(admit_hook)
         unique_ids, inverse = torch.unique(flat, return_inverse=True)
+        rows, unique_values = self.unique_rows(unique_ids, admit_hook)
+        receive = partial(self._accept_unique_grad, rows, unique_ids, self._store.generation, self._store.replacements)
+        return self.differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
+
+    def unique_rows(self, unique_ids: torch.Tensor, admit_hook: AdmitHook | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (-1: none) and values of distinct ids for a lookup: in training mode, absent ids are
+        inserted as the lifecycle admits them; ids without a row read zeros under an admit hook,
+        else (eval mode) their initial value."""
+        hooked = admit_hook is not None or self._lifecycle.admit_hook is not None
         if self.training:
-            rows = self._store.find_or_insert(unique_ids, self.initial_values)
-            unique_values = self._store.gather(rows)
+            rows = self._lifecycle.lookup_rows(
+                self._store, unique_ids, self.initial_values, admit_hook, protect=torch.is_grad_enabled()
+            )
+            if not hooked:
+                return rows, self._store.gather(rows)
         else:
             rows = self._store.find(unique_ids)
-            unique_values = self._read_or_initial(unique_ids, rows)
-        receive = partial(self._accept_unique_grad, rows, self._store.generation, not self.training)
-        return self.differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
+            if not hooked:
+                return rows, self._read_or_initial(unique_ids, rows)
+        values = torch.zeros((rows.numel(), self.embedding_dim), dtype=self.dtype, device=self.device)
+        present = rows >= 0
+        values[present] = self._store.gather(rows[present])
+        return rows, values
+
+    def _checked_admit_hook(self, admit_hook: AdmitHook | None) -> AdmitHook | None:
+        if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
+            raise TypeError(f"{self.describe()}: admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
+        return admit_hook
 
     def differentiable(self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver) -> torch.Tensor:
         """``unique_values[inverse]``; with grad enabled, backward hands the per-unique gradient to ``receive``."""
@@ -168,15 +230,21 @@ class HashTable(nn.Module):
             return row_lookup(self._grad_anchor, unique_values, inverse, receive)
         return unique_values.index_select(0, inverse)
 
-    def _accept_unique_grad(self, rows: torch.Tensor, generation: int, may_miss: bool, grad: torch.Tensor) -> None:
+    def _accept_unique_grad(
+        self, rows: torch.Tensor, unique_ids: torch.Tensor, generation: int, replacements: int, grad: torch.Tensor
+    ) -> None:
         if generation != self._store.generation:
             raise RuntimeError(
-                f"{self.describe()} was reloaded between forward and backward: its rows were renumbered, "
-                "so this gradient cannot be applied"
+                f"{self.describe()} was reloaded between forward and backward (or filtered): its rows were "
+                "renumbered, so this gradient cannot be applied"
             )
-        if may_miss:  # eval-mode reads of absent ids have no row to receive a gradient
-            present = rows >= 0
-            rows, grad = rows[present], grad[present]
+        present = rows >= 0  # ids without a row (eval mode, not admitted) receive no gradient
+        rows, grad = rows[present], grad[present]
+        if replacements != self._store.replacements and not torch.equal(self._store.ids_of(rows), unique_ids[present]):
+            raise RuntimeError(
+                f"{self.describe()}: rows of this lookup were evicted for new ids before its backward; "
+                "run backward before the next lookup, or raise the capacity"
+            )
         self._grad.add(rows, grad, distinct=True)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -204,7 +272,8 @@ class HashTable(nn.Module):
         return values.reshape(ids.numel(), self.embedding_dim).to(device=self.device, dtype=self.dtype)
 
     def rows_for(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of 1-D ids (repeats allowed), inserting absent ones with their initial values and zero slots.
+        """Rows of 1-D ids (repeats allowed), inserting absent ones with their initial values and zero slots
+        (evicting as a lookup would in a table with a capacity).
 
         One probe of the id map per id; only the absent ids are deduplicated.
         """
@@ -212,8 +281,23 @@ class HashTable(nn.Module):
         absent = rows < 0
         if bool(absent.any()):
             new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
-            rows[absent] = self._store.find_or_insert(new_ids, self.initial_values).index_select(0, inverse)
+            rows[absent] = self._insert(new_ids, self.initial_values(new_ids), rows[~absent]).index_select(0, inverse)
         return rows
+
+    def _insert(self, new_ids: torch.Tensor, values: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
+        """Rows for distinct absent ids, within the capacity (evicting, but never ``keep_rows``)."""
+        if self._lifecycle.capacity is None:
+            return self._store.insert(new_ids, values)
+        return self._lifecycle.insert(self._store, new_ids, values, keep_rows)
+
+    def rows_to_update(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of 1-D ids a gradient arrived for, and which ids have one: all (absent ones
+        inserted) in an unbounded table; only present ones when admission or eviction
+        decides which ids hold rows (a gradient never brings an id in past them)."""
+        if self._lifecycle.columns or self._lifecycle.admit_hook is not None:
+            rows = self._store.find(ids)
+            return rows, rows >= 0
+        return self.rows_for(ids), torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
 
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
@@ -250,7 +334,12 @@ class HashTable(nn.Module):
         """Insert or overwrite rows of distinct ids: their values (if given) and the given registered slots."""
         if weight is not None:
             weight = weight.to(device=self.device, dtype=self.dtype)
-        rows = self._store.find_or_insert(unique_ids, self.initial_values if weight is None else weight)
+        rows = self._store.find(unique_ids)
+        absent = rows < 0
+        if bool(absent.any()):
+            new_ids = unique_ids[absent]
+            values = self.initial_values(new_ids) if weight is None else weight[absent]
+            rows[absent] = self._insert(new_ids, values, rows[~absent])
         self._store.scatter(rows, weight, slots)
 
     def reserve(self, row_count: int) -> None:
@@ -260,7 +349,29 @@ class HashTable(nn.Module):
     def clear(self) -> None:
         """Remove every row and any pending gradient (slot registrations stay)."""
         self._store.clear()
-        self._grad.clear()
+        self.clear_grad()
+
+    # ------------------------------------------------------------------ filters
+    @torch.no_grad()
+    def run_filter(self) -> int:
+        """Remove the rows the filter hook finds stale (none with a gradient pending); returns how many.
+
+        Local: a sharded table's rank filters the rows it owns.
+        """
+        stale = self._lifecycle.stale_ids(self._store)
+        if stale.numel() == 0:
+            return 0
+        moved_from, moved_to = self._store.remove(stale)
+        self._renumber_pending(moved_from, moved_to)
+        self._lifecycle.count_filtered(stale.numel())
+        return stale.numel()
+
+    def advance_filter_step(self, steps: int = 1) -> None:
+        """Advance the filter's global step (``HashTableFilterHook.after_step`` does, once per step)."""
+        self._lifecycle.advance_step(steps)
+
+    def _renumber_pending(self, moved_from: torch.Tensor, moved_to: torch.Tensor) -> None:
+        self._grad.renumber(moved_from, moved_to)
 
     # ------------------------------------------------------------------ optimizer slots
     def check_slot(self, name: str, width: int, dtype: torch.dtype) -> None:
@@ -338,7 +449,9 @@ class HashTable(nn.Module):
         self._grad.add(self._store.find(ids.to(self.device)), grad.to(self.device), distinct=True)
 
     def clear_grad(self) -> None:
+        """Drop the pending gradient; its rows may be evicted again."""
         self._grad.clear()
+        self._lifecycle.end_window()
 
     # ------------------------------------------------------------------ state dict
     # Keys under the table's prefix: "ids", "weight", "slots.<name>" for each optimizer
@@ -349,6 +462,10 @@ class HashTable(nn.Module):
         destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
         for name in self.slot_names():
             destination[prefix + _SLOT_PREFIX + name] = self.slot(name).detach()
+        for name in self._store.column_names():
+            destination[prefix + _COLUMN_PREFIX + name] = self._store.column(name).clone()
+        for key, value in self._lifecycle.state().items():
+            destination[prefix + _LIFECYCLE_PREFIX + key] = value.clone()
         pending = self.grad_by_id()
         if pending is not None:
             destination[prefix + _PENDING_IDS], destination[prefix + _PENDING_VALUES] = pending
@@ -369,21 +486,35 @@ class HashTable(nn.Module):
         missing = [key for key in ("ids", "weight") if key not in ours]
         missing_keys.extend(prefix + key for key in missing)
         known = ("ids", "weight", _PENDING_IDS, _PENDING_VALUES)
-        unexpected_keys.extend(prefix + key for key in ours if key not in known and not key.startswith(_SLOT_PREFIX))
+        prefixes = (_SLOT_PREFIX, _COLUMN_PREFIX, _LIFECYCLE_PREFIX)
+        unexpected_keys.extend(prefix + key for key in ours if key not in known and not key.startswith(prefixes))
         if missing:
             return
         problem = self._state_problem(ours)
         if problem:
             error_msgs.append(f"{self.describe()} at {prefix or '<root>'}: {problem}")
             return
-        slots = {key[len(_SLOT_PREFIX) :]: value for key, value in ours.items() if key.startswith(_SLOT_PREFIX)}
-        self.load_rows(ours["ids"], ours["weight"], slots)
+        slots = _under(ours, _SLOT_PREFIX)
+        self.load_rows(ours["ids"], ours["weight"], slots, _under(ours, _COLUMN_PREFIX))
+        lifecycle = _under(ours, _LIFECYCLE_PREFIX)
+        if lifecycle:
+            self._lifecycle.load_state(lifecycle)
         if _PENDING_IDS in ours:
             self.restore_grad(ours[_PENDING_IDS], ours[_PENDING_VALUES])
 
-    def load_rows(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
-        """Replace every row by distinct ``ids`` with their rows and slots; drops the pending gradient."""
-        self._store.load(ids, weight, slots)
+    def load_rows(
+        self,
+        ids: torch.Tensor,
+        weight: torch.Tensor,
+        slots: dict[str, torch.Tensor],
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Replace every row by distinct ``ids`` with their rows, slots and metadata columns
+        (those the lifecycle keeps; absent ones start at zero); drops the pending gradient."""
+        if self.capacity is not None and ids.numel() > self.capacity:
+            raise ValueError(f"{self.describe()}: {ids.numel()} rows to load, over the capacity of {self.capacity}")
+        columns = {name: value for name, value in (columns or {}).items() if self._store.has_column(name)}
+        self._store.load(ids, weight, slots, columns)
         self._grad.clear()
 
     def _state_problem(self, ours: dict) -> str | None:
@@ -401,6 +532,14 @@ class HashTable(nn.Module):
                 registered = self._store.slot(name) if self._store.has_slot(name) else None
                 width = registered.shape[1] if registered is not None else getattr(value, "shape", (0, 0))[-1]
                 problem = _matrix_problem(key, value, count, width)
+        for key, value in ours.items():
+            if problem is None and key.startswith(_COLUMN_PREFIX):
+                if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or tuple(value.shape) != (count,):
+                    problem = f"'{key}' must be an int64 tensor of shape ({count},)"
+        if problem is None and any(key.startswith(_LIFECYCLE_PREFIX) for key in ours):
+            problem = self._lifecycle.state_problem(_under(ours, _LIFECYCLE_PREFIX))
+        if problem is None and self.capacity is not None and count > self.capacity:
+            problem = f"{count} rows, more than the capacity of {self.capacity}"
         if problem is None and (_PENDING_IDS in ours) != (_PENDING_VALUES in ours):
             problem = f"'{_PENDING_IDS}' and '{_PENDING_VALUES}' must come together"
         if problem is None and _PENDING_IDS in ours:
@@ -457,6 +596,11 @@ class HashTable(nn.Module):
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
     """The hash tables of ``model``, keyed by module path; a table shared by two paths appears once."""
     return {name: module for name, module in model.named_modules() if isinstance(module, HashTable)}
+
+
+def _under(entries: dict, prefix: str) -> dict:
+    """The entries whose key starts with ``prefix``, keyed by the rest."""
+    return {key[len(prefix) :]: value for key, value in entries.items() if key.startswith(prefix)}
 
 
 def _matrix_problem(
