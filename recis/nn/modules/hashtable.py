@@ -330,8 +330,15 @@ class HashTable(nn.Module):
         self.write_rows(unique_ids, values.index_select(0, last_position), {})
 
     @torch.no_grad()
-    def write_rows(self, unique_ids: torch.Tensor, weight: torch.Tensor | None, slots: dict[str, torch.Tensor]) -> None:
-        """Insert or overwrite rows of distinct ids: their values (if given) and the given registered slots."""
+    def write_rows(
+        self,
+        unique_ids: torch.Tensor,
+        weight: torch.Tensor | None,
+        slots: dict[str, torch.Tensor],
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Insert or overwrite rows of distinct ids: their values (if given), the given registered
+        slots and the given metadata columns the lifecycle keeps (``column_names()``)."""
         if weight is not None:
             weight = weight.to(device=self.device, dtype=self.dtype)
         rows = self._store.find(unique_ids)
@@ -341,6 +348,9 @@ class HashTable(nn.Module):
             values = self.initial_values(new_ids) if weight is None else weight[absent]
             rows[absent] = self._insert(new_ids, values, rows[~absent])
         self._store.scatter(rows, weight, slots)
+        for name, values in (columns or {}).items():
+            if self._store.has_column(name):
+                self._store.column(name)[rows] = values.to(device=self.device, dtype=torch.int64).reshape(-1)
 
     def reserve(self, row_count: int) -> None:
         """Make room for ``row_count`` rows (and their slots) at once, instead of growing by doubling."""
@@ -398,6 +408,17 @@ class HashTable(nn.Module):
 
     def slot_names(self) -> list[str]:
         return self._store.slot_names()
+
+    # ------------------------------------------------------------------ metadata columns
+    def column_names(self) -> list[str]:
+        """The per-row metadata columns the lifecycle keeps (``recis.nn.row_lifecycle``)."""
+        return self._store.column_names()
+
+    def column(self, name: str) -> torch.Tensor:
+        """The metadata column ``name`` of every row, int64 ``(len(self),)``; a view."""
+        if not self._store.has_column(name):
+            raise KeyError(f"{self.describe()} has no metadata column {name!r}; it has {self.column_names()}")
+        return self._store.column(name)
 
     # ------------------------------------------------------------------ gradients
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
