@@ -26,6 +26,7 @@ from recis.dist.exchange import PeerError, all_gather_blocks, group_size_and_ran
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_lookup import sharded_lookup
 from recis.nn.functional import GradReceiver
+from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import Initializer
 from recis.nn.modules.hashtable import HashTable
 
@@ -47,6 +48,13 @@ class ShardedHashTable(HashTable):
     ``load_state_dict`` accepts any table's state (a one-process table's included) and
     keeps the ids this rank owns. The gradient is kept by id (``grad_by_id``) until
     ``ShardedOptimizer`` sends it to the owners.
+
+    Bounded tables: each owner admits, evicts and filters among its own rows, so
+    ``capacity`` is per rank (the table holds at most ``world_size * capacity`` rows).
+    An owner counts a sighting once per lookup however many ranks asked, as one process
+    does for the whole batch: admission and filters give the table one process would
+    give with the concatenated batch. A gradient that reaches an owner for an id
+    without a row (not admitted) is dropped, as it is in one process.
     """
 
     def __init__(
@@ -58,9 +66,16 @@ class ShardedHashTable(HashTable):
         initializer: Initializer | None = None,
         name: str | None = None,
         seed: int = 0,
+        capacity: int | None = None,
+        eviction: str | None = None,
+        admit_hook: AdmitHook | None = None,
+        filter_hook: FilterHook | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        super().__init__(embedding_shape, dtype=dtype, device=device, initializer=initializer, name=name, seed=seed)
+        super().__init__(
+            embedding_shape, dtype=dtype, device=device, initializer=initializer, name=name, seed=seed,
+            capacity=capacity, eviction=eviction, admit_hook=admit_hook, filter_hook=filter_hook,
+        )  # fmt: skip
         self.process_group = process_group
         self.world_size, self.rank = group_size_and_rank(process_group)
         require_same_config(
@@ -71,6 +86,7 @@ class ShardedHashTable(HashTable):
                 "seed": seed,
                 "name": name,
                 "initializer": _describe_initializer(initializer),
+                **self.lifecycle.config(),
             },
             process_group,
         )
@@ -79,13 +95,18 @@ class ShardedHashTable(HashTable):
         return f"Sharded{super().describe()}"
 
     # ------------------------------------------------------------------ collective reads
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return sharded_lookup([self], [ids])[0]
+    def forward(self, ids: torch.Tensor, admit_hook: AdmitHook | None = None) -> torch.Tensor:
+        return sharded_lookup([self], [ids], [admit_hook])[0]
 
-    def serve(self, asked: torch.Tensor) -> torch.Tensor:
+    def serve(self, asked: torch.Tensor, admit_hook: AdmitHook | None = None) -> torch.Tensor:
         """The owner's part of a lookup: rows of the ids asked of it, repeats allowed (several ranks
-        may ask for one id); absent ids are inserted in training mode, else read their initial value."""
-        return self.read_or_initial(asked, insert=self.training)
+        may ask for one id); absent ids are inserted in training mode (as the lifecycle admits
+        them), else read their initial value (zeros under an admit hook)."""
+        if not self.lifecycle.columns and admit_hook is None and self.lifecycle.admit_hook is None:
+            return self.read_or_initial(asked, insert=self.training)  # unbounded: no deduplication needed
+        unique_ids, inverse = torch.unique(asked, return_inverse=True)
+        _, values = self.unique_rows(unique_ids, admit_hook)
+        return values.index_select(0, inverse)
 
     def gradient_receiver(self, unique_ids: torch.Tensor) -> GradReceiver:
         """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id."""
@@ -171,10 +192,20 @@ class ShardedHashTable(HashTable):
         return None  # kept by id: any id of the table
 
     # ------------------------------------------------------------------ state dict
-    def load_rows(self, ids: torch.Tensor, weight: torch.Tensor, slots: dict[str, torch.Tensor]) -> None:
+    def load_rows(
+        self,
+        ids: torch.Tensor,
+        weight: torch.Tensor,
+        slots: dict[str, torch.Tensor],
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Load rows of any ids (a one-process table's, say): keep those this rank owns."""
         owned = (owner_rank(ids.to(self.device), self.world_size) == self.rank).to(ids.device)
-        super().load_rows(ids[owned], weight[owned], {name: value[owned] for name, value in slots.items()})
+        columns = {name: value[owned] for name, value in (columns or {}).items()}
+        super().load_rows(ids[owned], weight[owned], {name: value[owned] for name, value in slots.items()}, columns)
+
+    def _renumber_pending(self, moved_from: torch.Tensor, moved_to: torch.Tensor) -> None:
+        return None  # kept by id: renumbered rows change nothing
 
     # ------------------------------------------------------------------ helpers
     def _no_ids(self) -> torch.Tensor:

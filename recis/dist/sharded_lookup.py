@@ -13,6 +13,7 @@ one makes none. Backward keeps each table's gradient local, keyed by id (see
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from recis.dist.exchange import Routing, route
+from recis.nn.hashtable_hook import AdmitHook
 
 if TYPE_CHECKING:
     from recis.dist.sharded_hashtable import ShardedHashTable
@@ -35,22 +37,36 @@ class _Request:
     inverse: torch.Tensor  # batch position -> index into ids
 
 
-def input_dist(tables: Sequence[ShardedHashTable], ids: Sequence[torch.Tensor]) -> tuple[Routing, list, list]:
+def _hook_code(hook: AdmitHook | None) -> int:
+    """A number equal on every rank for equal admit hooks (0: none), sent along with the sizes."""
+    return 0 if hook is None else 1 + zlib.crc32(str(hook).encode()) % (2**30)
+
+
+def input_dist(
+    tables: Sequence[ShardedHashTable],
+    ids: Sequence[torch.Tensor],
+    admit_hooks: Sequence[AdmitHook | None] | None = None,
+) -> tuple[Routing, list, list]:
     """Send each table's distinct ids to their owners; returns the routing, the requests and the ids received.
 
-    Bad ids on any rank make every rank raise (the bad rank its own error, the others ``PeerError``).
+    Bad ids on any rank make every rank raise (the bad rank its own error, the others ``PeerError``);
+    so do admit hooks that differ across ranks, before anything changes.
     """
     if len(tables) != len(ids):
         raise ValueError(f"sharded_lookup: {len(tables)} tables but {len(ids)} id tensors")
     group = _common_group(tables)
+    hooks = list(admit_hooks) if admit_hooks is not None else [None] * len(tables)
     error, flat = None, []
     try:
+        if len(hooks) != len(tables) or not all(hook is None or isinstance(hook, AdmitHook) for hook in hooks):
+            raise TypeError(f"sharded_lookup: admit_hooks must be one AdmitHook or None per table, got {hooks!r}")
         flat = [table.checked_ids(table_ids).reshape(-1) for table, table_ids in zip(tables, ids)]
     except (TypeError, ValueError) as bad_input:
-        error = bad_input
+        error, hooks = bad_input, [None] * len(tables)
         flat = [torch.empty(0, dtype=torch.int64, device=table.device) for table in tables]
     uniques = [torch.unique(table_ids, return_inverse=True) for table_ids in flat]
-    routing, sorted_ids = route([unique for unique, _ in uniques], group, error)
+    routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=[_hook_code(h) for h in hooks])
+    _require_same_hooks(tables, routing)
     requests = []
     for t, (table, (_, inverse)) in enumerate(zip(tables, uniques)):
         order = routing.orders[t]
@@ -62,9 +78,21 @@ def input_dist(tables: Sequence[ShardedHashTable], ids: Sequence[torch.Tensor]) 
     return routing, requests, routing.forward(sorted_ids)
 
 
-def lookup(tables: Sequence[ShardedHashTable], asked: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _require_same_hooks(tables: Sequence[ShardedHashTable], routing: Routing) -> None:
+    for t, table in enumerate(tables):
+        codes = {flags[t] for flags in routing.received_flags}
+        if len(codes) > 1:
+            raise ValueError(f"sharded_lookup: the ranks passed different admit hooks for {table.describe()}")
+
+
+def lookup(
+    tables: Sequence[ShardedHashTable],
+    asked: Sequence[torch.Tensor],
+    admit_hooks: Sequence[AdmitHook | None] | None = None,
+) -> list[torch.Tensor]:
     """At each owner: the rows of the ids other ranks asked for, in the order asked."""
-    return [table.serve(table_asked) for table, table_asked in zip(tables, asked)]
+    hooks = list(admit_hooks) if admit_hooks is not None else [None] * len(tables)
+    return [table.serve(table_asked, hook) for table, table_asked, hook in zip(tables, asked, hooks)]
 
 
 def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -78,14 +106,19 @@ def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequenc
     return outputs
 
 
-def sharded_lookup(tables: Sequence[ShardedHashTable], ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``[table(ids) for table, ids in zip(tables, ids)]`` in one exchange of ids and one of rows.
+def sharded_lookup(
+    tables: Sequence[ShardedHashTable],
+    ids: Sequence[torch.Tensor],
+    admit_hooks: Sequence[AdmitHook | None] | None = None,
+) -> list[torch.Tensor]:
+    """``[table(ids, hook) for table, ids, hook in zip(tables, ids, admit_hooks)]`` in one exchange
+    of ids and one of rows.
 
-    Collective: every rank of the tables' process group calls it with the same tables,
-    in the same order (each with its own ids).
+    Collective: every rank of the tables' process group calls it with the same tables and
+    admit hooks, in the same order (each with its own ids).
     """
-    routing, requests, asked = input_dist(tables, ids)
-    answers = lookup(tables, asked)
+    routing, requests, asked = input_dist(tables, ids, admit_hooks)
+    answers = lookup(tables, asked, admit_hooks)
     return output_dist(routing, requests, answers)
 
 

@@ -135,6 +135,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         routes = []
         for index, table in enumerate(group["params"]):
+            if not isinstance(table, ShardedHashTable) and (table.lifecycle.columns or table.lifecycle.admit_hook):
+                raise ValueError(
+                    f"{table.describe()} has a capacity, filter or admit hook: under ShardedOptimizer a bounded table "
+                    "must be a ShardedHashTable (replicas would evict differently on each rank)"
+                )
             if not isinstance(table, ShardedHashTable):
                 routes.append((index, _Route(table, self._owner_shard_for(table, group))))
             elif table.world_size == self.world_size:
@@ -272,7 +277,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if route_.replicated:
                 rows, grad = self._rows_of_replicated(route_, gradient)
             else:  # summed by row, not by id: rows are small integers, cheaper to group
-                rows, grad = route_.target.rows_for(gradient.ids), gradient.grad
+                rows, has_row = route_.target.rows_to_update(gradient.ids)
+                grad = gradient.grad
+                if not bool(has_row.all()):  # ids the owner did not admit get no update
+                    rows, grad = rows[has_row], grad[has_row]
                 if gradient.repeats:
                     rows, grad = coalesce_rows(rows, grad)
             self.optimizer.apply_gradient(route_.target, rows, grad, workers=self.world_size)
