@@ -128,9 +128,9 @@ class RowLifecycle:
         admit_hook = admit_hook if admit_hook is not None else self.admit_hook
         rows = store.find(unique_ids)
         absent = rows < 0
-        self._counts["lookups"] += unique_ids.numel()
         if bool(absent.any()):
             rows = self._insert_admitted(store, unique_ids, rows, absent, initial_values, admit_hook)
+        self._counts["lookups"] += unique_ids.numel()
         self._counts["hits"] += unique_ids.numel() - absent.sum()
         self.clock += 1
         self._mark_seen(store, rows[rows >= 0] if admit_hook is not None else rows, protect)
