@@ -6,12 +6,21 @@ optimizer kinds). Every rank checks, and all raise if any rank found a problem.
 
 Then rows are streamed from every rank's file in chunks: a sharded table or an owner
 shard keeps the ids it owns under the new world size, a replicated or one-process
-table keeps every id. Dense state and optimizer scalars come from rank 0's file.
+table keeps every id, each row with its slots and metadata columns (``meta.<name>``;
+columns the table does not keep are skipped, and ones the checkpoint lacks start at
+zero). Dense state and optimizer scalars come from rank 0's file. Last, every table's
+lifecycle state (clock, window, filter step, counters, sketch) is restored as
+``lifecycle_states`` says; a table whose checkpoint has none (an older checkpoint)
+keeps the state it had, so loading rows never counts as inserting them.
+
+A bounded table must hold the rows it keeps: a rank whose share exceeds its capacity
+refuses the checkpoint (``CheckpointError``) instead of evicting while loading.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +28,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recis.checkpoint.lifecycle_states import State, checked, resharded_state
 from recis.checkpoint.manifest import CheckpointError, rank_file, read_manifest, resolve, verify_files
 from recis.checkpoint.row_file import dtype_name, read_field_chunks, row_bytes, rows_per_chunk
-from recis.checkpoint.saved_tables import OWNER_SLOTS, ROWS, SavedTable, saved_tables, table_prefixes
+from recis.checkpoint.saved_tables import (
+    META_PREFIX,
+    OWNER_SLOTS,
+    ROWS,
+    SLOT_PREFIX,
+    SavedTable,
+    saved_tables,
+    table_prefixes,
+)
 from recis.checkpoint.saving import optimizer_kind, world
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_optimizer import ShardedOptimizer
@@ -67,15 +85,22 @@ def _kept(store: SavedTable, ids: torch.Tensor, world_size: int, rank: int) -> t
     return slice(None)
 
 
+def _under(fields: dict[str, torch.Tensor], prefix: str, keep: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    """The kept rows of the fields named ``<prefix><name>``, keyed by name."""
+    return {name.removeprefix(prefix): value[keep] for name, value in fields.items() if name.startswith(prefix)}
+
+
 def _stream_into(store: SavedTable, directory: Path, manifest: dict[str, Any], world_size: int, rank: int) -> None:
-    """Write into ``store`` the rows of its table key that this rank keeps; rows first, then slots."""
-    wanted_slots = {f"slot.{name}" for name in store.table.slot_names()}
+    """Write into ``store`` the rows of its table key that this rank keeps, with the slots and
+    metadata columns it keeps; rows first, then slots."""
+    wanted_slots = {SLOT_PREFIX + name for name in store.table.slot_names()}
+    wanted = {"ids", "weight", *wanted_slots, *(META_PREFIX + name for name in store.table.column_names())}
     sets = [s for s in manifest["row_sets"] if s["key"] == store.key]
     most_rows = max([sum(s["count"] for s in sets if s["role"] == role) for role in (ROWS, OWNER_SLOTS)])
     store.table.reserve(most_rows if not store.partitioned else most_rows // world_size + most_rows // (8 * world_size))
     for row_set in sorted(sets, key=lambda s: (s["role"] != ROWS, s["rank"])):
         path = directory / rank_file(row_set["rank"], "bin")
-        names = [name for name in row_set["fields"] if name in ("ids", "weight") or name in wanted_slots]
+        names = [name for name in row_set["fields"] if name in wanted]
         if row_set["role"] == OWNER_SLOTS and store.role == ROWS and not wanted_slots:
             continue  # slots of a replica: this table keeps none
         described = [row_set["fields"][name] for name in names]
@@ -89,8 +114,52 @@ def _stream_into(store: SavedTable, directory: Path, manifest: dict[str, Any], w
             store.table.write_rows(
                 ids[keep],
                 None if weight is None else weight[keep],
-                {name.removeprefix("slot."): value[keep] for name, value in fields.items()},
+                _under(fields, SLOT_PREFIX, keep),
+                _under(fields, META_PREFIX, keep),
             )
+
+
+def _rows_kept(store: SavedTable, directory: Path, manifest: dict[str, Any], world_size: int, rank: int) -> int:
+    """How many rows of ``store``'s table this rank keeps (reads the saved ids of a partitioned
+    table loaded on several ranks; the manifest's counts otherwise)."""
+    sets = [s for s in manifest["row_sets"] if s["key"] == store.key and s["role"] == ROWS]
+    if not store.partitioned or world_size == 1:
+        return sum(s["count"] for s in sets)
+    kept = 0
+    for row_set in sets:
+        path = directory / rank_file(row_set["rank"], "bin")
+        for ids in read_field_chunks(path, row_set["fields"]["ids"], row_set["count"]):
+            kept += int(_kept(store, ids.reshape(-1), world_size, rank).sum())
+    return kept
+
+
+def _check_capacities(stores: list[SavedTable], directory: Path, manifest: dict, world_size: int, rank: int) -> None:
+    """Raise ``CheckpointError`` if a bounded table would keep more rows than its capacity."""
+    for store in stores:
+        if store.role == ROWS and store.table.capacity is not None:
+            kept = _rows_kept(store, directory, manifest, world_size, rank)
+            if kept > store.table.capacity:
+                raise CheckpointError(
+                    f"table {store.key!r}: rank {rank} of {world_size} would keep {kept} rows, "
+                    f"over its capacity of {store.table.capacity}"
+                )
+
+
+def _lifecycle_states(
+    stores: list[SavedTable], directory: Path, manifest: dict, own_state: dict, world_size: int, rank: int
+) -> dict[str, State]:
+    """The lifecycle state each table of this rank restores (``lifecycle_states``), checked;
+    tables whose checkpoint has none are left out."""
+    tables = {store.key: store.table for store in stores if store.role == ROWS}
+    if world_size == manifest["world_size"]:
+        own = own_state.get("lifecycle", {})
+        return {key: checked(table, key, own[key], f"rank {rank}") for key, table in tables.items() if key in own}
+    saved = [
+        torch.load(directory / rank_file(r, "pt"), weights_only=False).get("lifecycle", {})
+        for r in range(manifest["world_size"])
+    ]
+    states = {key: resharded_state(table, key, [s.get(key) for s in saved], rank) for key, table in tables.items()}
+    return {key: state for key, state in states.items() if state is not None}
 
 
 def _load_optimizer(optimizer: Any, state: dict[str, Any]) -> None:
@@ -110,6 +179,49 @@ def _load_dense(model: nn.Module, dense: dict[str, Any]) -> None:
         raise CheckpointError(f"dense state does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
+@dataclass
+class _Plan:
+    """What ``load`` read and checked before changing anything."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    rank0_state: dict[str, Any]  # dense state and optimizer scalars
+    own_state: dict[str, Any]  # pending gradients and ``extra``
+    stores: list[SavedTable]
+    lifecycles: dict[str, State]  # by table key; tables whose checkpoint has none are left out
+
+
+def _prepare(path: str | os.PathLike, model: nn.Module, optimizers: tuple, world_size: int, rank: int) -> _Plan:
+    """Read and check everything ``load`` needs; raises before anything changes."""
+    directory = resolve(path)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    own = rank if rank < manifest["world_size"] and world_size == manifest["world_size"] else 0
+    states = [torch.load(directory / rank_file(r, "pt"), weights_only=False) for r in sorted({0, own})]
+    _check_fits(manifest, model, optimizers, world_size)
+    stores = saved_tables(model, optimizers, world_size)
+    _check_capacities(stores, directory, manifest, world_size, rank)
+    lifecycles = _lifecycle_states(stores, directory, manifest, states[-1], world_size, rank)
+    return _Plan(directory, manifest, states[0], states[-1], stores, lifecycles)
+
+
+def _restore_tables(plan: _Plan, world_size: int, rank: int) -> None:
+    """Replace every saved table's rows, pending gradient and lifecycle state by the checkpoint's."""
+    stores, lifecycles = plan.stores, plan.lifecycles
+    for store in stores:
+        store.table.clear()
+    rows = [store for store in stores if store.role == ROWS]
+    unchanged = {store.key: store.table.lifecycle.state() for store in rows if store.key not in lifecycles}
+    for store in stores:
+        _stream_into(store, plan.directory, plan.manifest, world_size, rank)
+    for store in stores:
+        pending = plan.own_state["pending"].get(store.key)
+        if pending is not None:
+            store.table.restore_grad(*pending)
+    for store in rows:
+        store.table.lifecycle.load_state(lifecycles.get(store.key, unchanged.get(store.key)))
+
+
 def load(path: str | os.PathLike, model: nn.Module, *optimizers: Any) -> dict[str, Any]:
     """Load the checkpoint at ``path`` (a checkpoint directory, or a root's ``latest``).
 
@@ -117,29 +229,16 @@ def load(path: str | os.PathLike, model: nn.Module, *optimizers: Any) -> dict[st
     Call it on every rank. Returns the ``extra`` dict given to ``save``.
     """
     world_size, rank = world()
-    problem, states = None, []
+    problem, plan = None, None
     try:
-        directory = resolve(path)
-        manifest = read_manifest(directory)
-        verify_files(directory, manifest)
-        own = rank if rank < manifest["world_size"] and world_size == manifest["world_size"] else 0
-        states = [torch.load(directory / rank_file(r, "pt"), weights_only=False) for r in sorted({0, own})]
-        _check_fits(manifest, model, optimizers, world_size)
+        plan = _prepare(path, model, optimizers, world_size, rank)
     except (CheckpointError, FileNotFoundError) as error:
         problem = error
     _agree(problem, world_size)
-    rank0_state, own_state = states[0], states[-1]
+    assert plan is not None  # _agree raised otherwise
 
-    _load_dense(model, rank0_state["dense"])
-    for optimizer, state in zip(optimizers, rank0_state["optimizers"]):
+    _load_dense(model, plan.rank0_state["dense"])
+    for optimizer, state in zip(optimizers, plan.rank0_state["optimizers"]):
         _load_optimizer(optimizer, state)
-    stores = saved_tables(model, optimizers, world_size)
-    for store in stores:
-        store.table.clear()
-    for store in stores:
-        _stream_into(store, directory, manifest, world_size, rank)
-    for store in stores:
-        pending = own_state["pending"].get(store.key)
-        if pending is not None:
-            store.table.restore_grad(*pending)
-    return own_state["extra"]
+    _restore_tables(plan, world_size, rank)
+    return plan.own_state["extra"]

@@ -3,7 +3,8 @@
 A *saved table* is a HashTable whose rows a checkpoint streams to disk:
 
 - every ``HashTable``/``ShardedHashTable`` of the model, under its module path (role
-  ``rows``: ids, rows and any slots it holds);
+  ``rows``: ids, rows, any slots it holds and, for a bounded table, the per-row
+  metadata columns its policies read);
 - the owner shards that a ``ShardedOptimizer`` keeps for replicated tables (role
   ``owner_slots``: ids and slots of the rows a rank owns).
 
@@ -26,6 +27,7 @@ from recis.dist.sharded_optimizer import ShardedOptimizer
 from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
 
 ROWS, OWNER_SLOTS = "rows", "owner_slots"
+SLOT_PREFIX, META_PREFIX = "slot.", "meta."
 
 
 @dataclass
@@ -39,12 +41,16 @@ class SavedTable:
         return self.partitioned or rank == 0
 
     def field_tensors(self) -> dict[str, torch.Tensor]:
-        """The 2-D arrays to save: ``ids`` (as one column), ``weight`` for ROWS, and every slot."""
+        """The 2-D arrays to save, all in row order: ``ids`` (as one column), ``weight`` for ROWS,
+        ``slot.<name>`` for every slot and ``meta.<name>`` (int64, one column) for every metadata
+        column (none for a table without capacity or filter, so it saves no ``meta.`` field)."""
         fields = {"ids": self.table.local_ids().reshape(-1, 1)}
         if self.role == ROWS:
             fields["weight"] = self.table.weight
         for name in self.table.slot_names():
-            fields[f"slot.{name}"] = self.table.slot(name)
+            fields[SLOT_PREFIX + name] = self.table.slot(name)
+        for name in self.table.column_names():
+            fields[META_PREFIX + name] = self.table.column(name).reshape(-1, 1)
         return fields
 
 

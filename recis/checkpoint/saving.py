@@ -3,7 +3,8 @@
 Protocol (rank 0 decides the name; every rank writes its own files):
 
 1. every rank writes ``rank<r>.bin`` (its saved tables, streamed) and ``rank<r>.pt``
-   (dense state, optimizer scalars, pending gradients, ``extra``) into ``.tmp-<name>/``;
+   (dense state, optimizer scalars, pending gradients, every table's lifecycle state,
+   ``extra``) into ``.tmp-<name>/``;
 2. rank 0 gathers every rank's file descriptions, writes ``manifest.json`` last,
    renames the directory to ``<name>/`` and only then points ``latest`` at it;
 3. with ``keep=N``, older complete checkpoints are removed after that.
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recis.checkpoint.lifecycle_states import saved_state
 from recis.checkpoint.manifest import (
     FORMAT,
     LATEST,
@@ -38,7 +40,7 @@ from recis.checkpoint.manifest import (
     write_atomically,
 )
 from recis.checkpoint.row_file import RowFileWriter, dtype_name
-from recis.checkpoint.saved_tables import SavedTable, dense_state_dict, saved_tables
+from recis.checkpoint.saved_tables import ROWS, SavedTable, dense_state_dict, saved_tables
 from recis.dist.sharded_optimizer import ShardedOptimizer
 from recis.nn.modules.hashtable import filter_out_sparse_param
 from recis.optim.sparse_optimizer import SparseOptimizer
@@ -140,7 +142,8 @@ def save(
     extra: dict[str, Any] | None = None,
     keep: int | None = None,
 ) -> Path:
-    """Save ``model`` (dense state and every table's ids, rows and slots) and ``optimizers``.
+    """Save ``model`` (dense state; every table's ids, rows, slots, metadata columns and each
+    rank's lifecycle state, see ``lifecycle_states``) and ``optimizers``.
 
     ``optimizers`` are recis or torch optimizers, ``ShardedOptimizer``s, or anything else
     with ``state_dict``/``load_state_dict`` (LR schedulers, a data loader's position).
@@ -168,7 +171,8 @@ def save(
     small_state = {
         "dense": dense_state_dict(model) if rank == 0 else {},
         "optimizers": [optimizer_state(optimizer) for optimizer in optimizers],
-        "pending": {s.key: s.table.grad_by_id() for s in stores if accumulating and s.role == "rows"},
+        "pending": {s.key: s.table.grad_by_id() for s in stores if accumulating and s.role == ROWS},
+        "lifecycle": {s.key: saved_state(s.table) for s in stores if s.role == ROWS},  # this rank's, every table
         "extra": extra,
     }
     written = _write_rank_files(staging, rank, stores, small_state)

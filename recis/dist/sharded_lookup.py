@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from recis.dist.exchange import Routing, route
+import torch.distributed as dist
+
+from recis.dist.exchange import PeerError, Routing, route
 from recis.nn.hashtable_hook import AdmitHook
 
 if TYPE_CHECKING:
@@ -90,9 +92,34 @@ def lookup(
     asked: Sequence[torch.Tensor],
     admit_hooks: Sequence[AdmitHook | None] | None = None,
 ) -> list[torch.Tensor]:
-    """At each owner: the rows of the ids other ranks asked for, in the order asked."""
+    """At each owner: the rows of the ids other ranks asked for, in the order asked.
+
+    A table with a capacity can refuse a lookup at one owner (no room); then every rank
+    learns it through one small all-reduce (made only for such tables) and raises: the
+    refusing owner its ``ValueError`` (its table unchanged), the others ``PeerError``.
+    Other owners may have inserted their new ids by then, as a lookup would.
+    """
     hooks = list(admit_hooks) if admit_hooks is not None else [None] * len(tables)
-    return [table.serve(table_asked, hook) for table, table_asked, hook in zip(tables, asked, hooks)]
+    if not any(table.capacity is not None for table in tables):
+        return [table.serve(table_asked, hook) for table, table_asked, hook in zip(tables, asked, hooks)]
+    answers, refusal = [], None
+    for table, table_asked, hook in zip(tables, asked, hooks):
+        try:
+            answers.append(table.serve(table_asked, hook) if refusal is None else None)
+        except ValueError as error:
+            refusal = error
+    _raise_on_every_rank_if_refused(refusal, tables[0])
+    return answers
+
+
+def _raise_on_every_rank_if_refused(refusal: ValueError | None, table: ShardedHashTable) -> None:
+    refused = torch.tensor([int(refusal is not None)], dtype=torch.int64, device=table.device)
+    if table.world_size > 1:
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX, group=table.process_group)
+    if refusal is not None:
+        raise refusal
+    if int(refused):
+        raise PeerError("another rank refused its part of this lookup (see its error); nothing was returned")
 
 
 def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
