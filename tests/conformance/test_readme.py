@@ -11,10 +11,19 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
 def test_readme_one_process_snippet_runs_and_its_state_dict_holds_the_slots():
-    snippet = next(block for block in SNIPPETS if "torchrun" not in block)
+    snippet = next(block for block in SNIPPETS if "torchrun" not in block and "capacity=" not in block)
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "item.slots.exp_avg" in result.stdout
+
+
+def test_readme_bounded_table_snippet_runs_within_capacity_and_evicts():
+    snippet = next(block for block in SNIPPETS if "HashTableFilterHook" in block)
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    stats = eval(result.stdout.strip().splitlines()[-1])  # the printed stats dict
+    assert stats["rows"] <= stats["capacity"] == 400
+    assert stats["evicted_capacity"] > 0 and stats["evicted_filter"] > 0 and stats["not_admitted"] > 0
 
 
 @pytest.mark.timeout(200)
