@@ -239,3 +239,15 @@ def test_the_state_dict_carries_metadata_and_counters_and_resumes_bitwise():
     for name in table.column_names():
         assert torch.equal(table.column(name), resumed.column(name)), name
     assert table.stats() == resumed.stats()
+
+
+def test_sketches_that_counted_disjoint_ids_sum_to_the_sketch_that_counted_them_all():
+    from recis.nn.frequency_sketch import FrequencySketch
+
+    ids = torch.randint(-(2**40), 2**40, (3000,), generator=torch.Generator().manual_seed(1))
+    whole, even, odd = (FrequencySketch(256, 3, torch.device("cpu")) for _ in range(3))
+    whole.add(ids)
+    even.add(ids[ids % 2 == 0])
+    odd.add(ids[ids % 2 == 1])
+    assert torch.equal(even.counters + odd.counters, whole.counters)
+    assert bool((whole.estimate(ids) >= 1).all())

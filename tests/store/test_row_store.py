@@ -142,3 +142,18 @@ def test_an_incompatible_slot_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="slot 'm' exists with width 2"):
         store.add_slot("m", 3, torch.float32)
     store.add_slot("m", 2, torch.float32)  # the same registration again is a no-op
+
+
+def test_columns_travel_through_load_growth_and_moves_and_start_at_zero_for_new_rows():
+    store = _store_with(1, 2)
+    store.add_column("seen")
+    store.column("seen")[:] = _ids(5, 6)
+    store.reserve(100)  # growth keeps them
+    store.find_or_insert(_ids(3), _tens)
+    assert store.column("seen").tolist() == [5, 6, 0]
+    copy = store.moved(CPU, torch.float64)
+    assert copy.column("seen").tolist() == [5, 6, 0]
+    store.load(_ids(7, 8), torch.zeros(2, 2), {}, {"seen": _ids(1, 2)})
+    assert store.column("seen").tolist() == [1, 2] and copy.column("seen").tolist() == [5, 6, 0]
+    store.load(_ids(9), torch.zeros(1, 2), {})  # a registered column absent from a load starts at zero
+    assert store.column("seen").tolist() == [0]
