@@ -166,7 +166,9 @@ class Routing:
         ``blocks`` holds one block per table, or several: block ``b`` belongs to table
         ``b % tables`` (ids of every table, then gradients of every table, say).
         """
-        return exchange(blocks, _tiled(self.send_counts, len(blocks)), _tiled(self.recv_counts, len(blocks)), self.group)
+        return exchange(
+            blocks, _tiled(self.send_counts, len(blocks)), _tiled(self.recv_counts, len(blocks)), self.group
+        )
 
     def backward(self, answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Return the owners' per-received-id answers (blocks as in ``forward``) to the ranks that asked."""

@@ -49,6 +49,9 @@ class ShardedHashTable(HashTable):
     keeps the ids this rank owns. The gradient is kept by id (``grad_by_id``) until
     ``ShardedOptimizer`` sends it to the owners.
 
+    ``stats()`` counts this rank's rows and the lookups it served; an unbounded table counts an
+    id once per rank that asked for it, a bounded one once per lookup.
+
     Bounded tables: each owner admits, evicts and filters among its own rows, so
     ``capacity`` is per rank (the table holds at most ``world_size * capacity`` rows).
     An owner counts a sighting once per lookup however many ranks asked, as one process

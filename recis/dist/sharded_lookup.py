@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-
 import torch.distributed as dist
 
 from recis.dist.exchange import PeerError, Routing, route

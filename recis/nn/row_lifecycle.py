@@ -130,11 +130,14 @@ class RowLifecycle:
         absent = rows < 0
         if bool(absent.any()):
             rows = self._insert_admitted(store, unique_ids, rows, absent, initial_values, admit_hook)
-        self._counts["lookups"] += unique_ids.numel()
-        self._counts["hits"] += unique_ids.numel() - absent.sum()
+        self.count_lookup(unique_ids.numel(), unique_ids.numel() - absent.sum())
         self.clock += 1
         self._mark_seen(store, rows[rows >= 0] if admit_hook is not None else rows, protect)
         return rows
+
+    def count_lookup(self, ids: int, hits: int | torch.Tensor) -> None:
+        self._counts["lookups"] += ids
+        self._counts["hits"] += hits
 
     def _insert_admitted(
         self,

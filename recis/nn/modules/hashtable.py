@@ -608,10 +608,17 @@ class HashTable(nn.Module):
 
     @torch.no_grad()
     def read_or_initial(self, ids: torch.Tensor, insert: bool) -> torch.Tensor:
-        """Rows of 1-D ids (repeats allowed): absent ids are inserted when ``insert``, else read their initial value."""
-        if insert:
-            return self._store.gather(self.rows_for(ids))
-        return self._read_or_initial(ids, self._store.find(ids))
+        """Rows of 1-D ids (repeats allowed): absent ids are inserted when ``insert`` (a lookup,
+        counted in ``stats()`` per id given), else read their initial value."""
+        rows = self._store.find(ids)
+        if not insert:
+            return self._read_or_initial(ids, rows)
+        absent = rows < 0
+        if bool(absent.any()):
+            new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
+            rows[absent] = self._insert(new_ids, self.initial_values(new_ids), rows[~absent]).index_select(0, inverse)
+        self._lifecycle.count_lookup(ids.numel(), ids.numel() - absent.sum())
+        return self._store.gather(rows)
 
 
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
