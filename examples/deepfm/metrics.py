@@ -11,7 +11,10 @@ import torch
 
 COLUMNS = (
     "step", "samples", "seconds", "loss", "train_auc", "test_auc", "samples_per_s", "lr_sparse", "lr_dense", "rows",
+    "evicted", "rss_mb",
 )  # fmt: skip
+# rows: the table's rows (all ranks); evicted: rows it gave up for new ids so far (all ranks);
+# rss_mb: resident memory of rank 0's process. A CSV written before a column existed reads it as empty.
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -52,8 +55,9 @@ class RunningMetrics:
 class MetricsCSV:
     """Rows of ``COLUMNS`` in a CSV file, rewritten whole at each row (it stays small).
 
-    On resume it keeps the rows up to the resumed step; a second row for the same step
-    (the final evaluation right after a logged step) replaces the first.
+    On resume it keeps the rows up to the resumed step (a column the old file lacks stays
+    empty in them); a second row for the same step (the final evaluation right after a
+    logged step) replaces the first.
     """
 
     def __init__(self, path: str, resume_step: int | None) -> None:
@@ -61,7 +65,8 @@ class MetricsCSV:
         self.rows: list[dict[str, str]] = []
         if resume_step is not None and os.path.exists(path):
             with open(path, newline="") as file:
-                self.rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+                kept = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+            self.rows = [{key: row.get(key) or "" for key in COLUMNS} for row in kept]
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._flush()
 
@@ -91,7 +96,19 @@ def read_csv(path: str) -> dict[str, list[float]]:
     """Columns of a metrics CSV as lists of floats (NaN where a cell is empty)."""
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))
-    return {key: [float(row[key]) if row[key] else math.nan for row in rows] for key in COLUMNS}
+    return {key: [float(row[key]) if row.get(key) else math.nan for row in rows] for key in COLUMNS}
+
+
+def resident_mb() -> float:
+    """This process's resident memory (VmRSS) in MB; NaN where /proc does not tell it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024  # the line reads "VmRSS:  123456 kB"
+    except OSError:
+        pass
+    return math.nan
 
 
 def plotting_unavailable() -> str | None:

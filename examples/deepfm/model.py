@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from data import NUM_CATEGORICAL, NUM_NUMERIC
 from torch import nn
 
@@ -35,12 +36,19 @@ from recis.ops import mix64
 
 
 class HashEmbedding(nn.Module):
-    """The 26 categorical features in one recis hash table of rows ``[w, v_1 .. v_dim]``."""
+    """The 26 categorical features in one recis hash table of rows ``[w, v_1 .. v_dim]``.
 
-    def __init__(self, dim: int, *, sharded: bool, device: torch.device) -> None:
+    With a ``capacity`` (rows per rank), a full table evicts by ``eviction`` ("lru" or
+    "lfu") to make room for new ids; without one it grows with every new id.
+    """
+
+    def __init__(
+        self, dim: int, *, sharded: bool, device: torch.device, capacity: int | None = None, eviction: str | None = None
+    ) -> None:
         super().__init__()
         table_class = ShardedHashTable if sharded else HashTable
-        self.table = table_class([1 + dim], name="categorical", device=device, seed=0)
+        bounds = {"capacity": capacity, "eviction": eviction} if capacity is not None else {}
+        self.table = table_class([1 + dim], name="categorical", device=device, seed=0, **bounds)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, 26) int64 ids -> (B, 26, 1 + dim) rows."""
@@ -49,6 +57,16 @@ class HashEmbedding(nn.Module):
     def num_rows(self) -> int:
         """Rows in the whole table (a collective when sharded)."""
         return self.table.num_ids() if isinstance(self.table, ShardedHashTable) else len(self.table)
+
+    def counters(self) -> dict[str, int]:
+        """``rows`` and ``evicted`` (rows given up for new ids so far) of the whole table, summed over
+        ranks when sharded (a collective: every rank calls it at the same point)."""
+        stats = self.table.stats()
+        values = torch.tensor([stats["rows"], stats["evicted"]], dtype=torch.int64, device=self.table.device)
+        if isinstance(self.table, ShardedHashTable) and self.table.world_size > 1:
+            dist.all_reduce(values, group=self.table.process_group)
+        rows, evicted = values.tolist()
+        return {"rows": rows, "evicted": evicted}
 
 
 class ModuloEmbeddingBag(nn.Module):
@@ -71,6 +89,10 @@ class ModuloEmbeddingBag(nn.Module):
 
     def num_rows(self) -> int:
         return self.rows
+
+    def counters(self) -> dict[str, int]:
+        """A fixed table: all its rows, never an eviction (colliding ids share rows instead)."""
+        return {"rows": self.rows, "evicted": 0}
 
 
 class DenseArch(nn.Module):

@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node 2 examples/deepfm/train.py --resume # continue from the latest checkpoint
     python examples/deepfm/train.py --data train.txt                           # a Criteo TSV file, streamed
     python examples/deepfm/train.py --baseline                                 # nn.EmbeddingBag + SparseAdam
+    python examples/deepfm/train.py --capacity 200000 --eviction lfu           # a bounded table (rows per rank)
 
 Without --data, clicks come from a planted model (data.SyntheticCriteo) with Zipf-like
 ids that keep being renewed; each evaluation draws fresh held-out samples at the stream's
@@ -13,12 +14,16 @@ held-out set is --test-data, or else the file's last --test-fraction.
 
 Sparse part: one HashTable (ShardedHashTable across ranks) for the 26 categorical
 features, trained by SparseAdam/SparseAdamW/SparseAdamWTF (wrapped in ShardedOptimizer
-across ranks). Dense part: torch AdamW or recis AdamWTF, under DistributedDataParallel
-across ranks. Both follow a linear warm-up then a cosine decay of the learning rate.
+across ranks). It grows with every new id, or, with --capacity, holds at most that many
+rows per rank and evicts the least recently (--eviction lru) or least often (lfu) used
+rows for new ids; the capacity must hold the distinct ids of one update's micro-batches.
+Dense part: torch AdamW or recis AdamWTF, under DistributedDataParallel across ranks.
+Both follow a linear warm-up then a cosine decay of the learning rate.
 
 Writes to --out-dir: metrics.csv, plot.png, checkpoints/. Rank 0 shows a progress bar
-(on stderr) and prints a summary whose last line is ``test_auc: 0.xxxx``. The plot is
-optional: without matplotlib, a warning at start, and the run goes on without plot.png.
+(on stderr; with the table's rows and evictions so far) and prints a summary whose last
+line is ``test_auc: 0.xxxx``. The plot is optional: without matplotlib, a warning at
+start, and the run goes on without plot.png.
 """
 
 from __future__ import annotations
@@ -88,13 +93,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out-dir", default="runs/deepfm", help="metrics.csv, plot.png and checkpoints/ go here")
     add("--baseline", action="store_true", help="nn.EmbeddingBag(sparse=True) + torch.optim.SparseAdam instead")
     add("--baseline-rows", type=int, default=1 << 21, help="rows of the baseline's fixed-size table")
+    add("--capacity", type=int, help="rows of the hash table per rank; a full table evicts (default: unbounded)")
+    add("--eviction", choices=["lru", "lfu"], help="which rows a full table gives up (default: lru)")
     add("--seed", type=int, default=0)
     add("--max-vocabulary", type=int, default=100_000, help="synthetic data: cap on values per feature")
     add("--lifetime", type=float, default=3e6, help="synthetic data: samples before a value is replaced")
     args = parser.parse_args(argv)
     if args.baseline and args.sparse_opt is not None:
         parser.error("--baseline trains its table with torch.optim.SparseAdam: leave out --sparse-opt")
+    if args.baseline and args.capacity is not None:
+        parser.error("--capacity bounds a recis hash table: the --baseline table has --baseline-rows")
+    if args.capacity is None and args.eviction is not None:
+        parser.error("--eviction chooses what a full table gives up: it needs --capacity")
+    if args.capacity is not None and args.capacity <= 0:
+        parser.error(f"--capacity must be positive, got {args.capacity}")
     args.sparse_opt = args.sparse_opt or "adamw"
+    args.eviction = args.eviction or ("lru" if args.capacity is not None else None)
     if args.steps is None and args.data is None:
         args.steps = 3000
     return args
@@ -228,7 +242,9 @@ def build(args: argparse.Namespace, world: World) -> Trainer:
     if args.baseline:
         sparse = ModuloEmbeddingBag(args.dim, args.baseline_rows, device=world.device)
     else:
-        sparse = HashEmbedding(args.dim, sharded=world.distributed, device=world.device)
+        sparse = HashEmbedding(
+            args.dim, sharded=world.distributed, device=world.device, capacity=args.capacity, eviction=args.eviction
+        )
     model = DeepFM(sparse, DenseArch(args.dim, hidden).to(world.device))
     device_ids = [world.device.index] if world.device.type == "cuda" else None
 
@@ -290,11 +306,13 @@ def train_step(trainer: Trainer, micro_batches: list[criteo.Batch], args: argpar
                 stack.enter_context(context)
             logits = trainer.forward(batch)
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-            if not args.baseline:
-                trainer.sparse_opt.zero_grad()  # keeps the gradient while an accumulation is under way
             loss.backward()
         if not args.baseline:
             trainer.sparse_opt.step()  # accumulates; updates (and exchanges rows) on the last micro-batch
+            # Drops the applied gradient (kept while an accumulation is under way) before the next
+            # lookup: a bounded table never evicts rows with a gradient pending, so clearing it only
+            # after the next forward would protect two batches' rows from eviction instead of one.
+            trainer.sparse_opt.zero_grad()
         logits_seen.append(logits.detach())
     # A gradient summed over micro-batches becomes their mean (recis' sparse optimizers do this themselves).
     if len(micro_batches) > 1:
@@ -374,7 +392,10 @@ def describe(args: argparse.Namespace, trainer: Trainer, world: World, rows: int
     else:
         table = "ShardedHashTable" if world.distributed else "HashTable"
         optimizer = type(trainer.sparse_opt.optimizer if world.distributed else trainer.sparse_opt).__name__
-        sparse = f"one {table} of {rows:,} rows + {optimizer}" + (" (ShardedOptimizer)" if world.distributed else "")
+        bound = f" (capacity {args.capacity:,} per rank, {args.eviction})" if args.capacity is not None else ""
+        sparse = f"one {table} of {rows:,} rows{bound} + {optimizer}" + (
+            " (ShardedOptimizer)" if world.distributed else ""
+        )
     dense = type(trainer.dense_opt).__name__ + (" (DDP)" if world.distributed else "")
     return f"DeepFM{across}: {sparse}, dense part {dense}"
 
@@ -435,9 +456,10 @@ def train(args: argparse.Namespace, world: World) -> None:
     run_samples, run_seconds, run_cpu_seconds, saved_step = 0, 0.0, 0.0, None
 
     def log(test_auc: float | None) -> None:
-        rows = trainer.model.sparse.num_rows()  # a collective for a sharded table: every rank calls it
+        table = trainer.model.sparse.counters()  # a collective for a sharded table: every rank calls it
         if world.rank != 0:
             return
+        rss_mb = metrics.resident_mb()
         throughput = interval[0] / interval[1] if interval[1] else math.nan
         csv.write(
             step=step,
@@ -449,9 +471,17 @@ def train(args: argparse.Namespace, world: World) -> None:
             samples_per_s=throughput,
             lr_sparse=trainer.sparse_opt.param_groups[0]["lr"],
             lr_dense=trainer.dense_opt.param_groups[0]["lr"],
-            rows=rows,
+            rows=table["rows"],
+            evicted=table["evicted"],
+            rss_mb=rss_mb,
         )
-        bar.set_postfix(loss=f"{running.loss():.4f}", auc=f"{running.auc():.4f}", samples_s=f"{throughput:,.0f}")
+        bar.set_postfix(
+            loss=f"{running.loss():.4f}",
+            auc=f"{running.auc():.4f}",
+            samples_s=f"{throughput:,.0f}",
+            rows=f"{table['rows']:,}",
+            evicted=f"{table['evicted']:,}",
+        )
         interval[:] = [0, 0.0]
 
     def position_now() -> dict:

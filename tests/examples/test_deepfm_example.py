@@ -132,7 +132,53 @@ def test_two_ranks_baseline_embedding_bag_with_sparse_adam(tmp_path):
     _assert_outputs(tmp_path, 20)
 
 
+@pytest.mark.timeout(DEADLINE_S + 30)
+def test_two_ranks_bounded_table_stays_within_capacity_per_rank(tmp_path):
+    run = ["--capacity", "5000", "--eviction", "lfu", "--steps", "20", "--eval-every", "0", "--checkpoint-every", "0"]
+    stdout = _two_ranks(*run, "--out-dir", str(tmp_path))
+    assert "one ShardedHashTable of 10,000 rows (capacity 5,000 per rank, lfu)" in stdout, stdout
+    _test_auc(stdout)
+    rows = _assert_outputs(tmp_path, 20)
+    _assert_bounded(rows, 2 * 5000)
+
+
 # --------------------------------------------------------------------------- one process
+def _assert_bounded(rows: list[dict[str, str]], capacity: int) -> None:
+    """The table was full and evicting at every logged step, never over ``capacity``; memory was logged."""
+    assert all(int(row["rows"]) <= capacity for row in rows), rows
+    evicted = [int(row["evicted"]) for row in rows]
+    assert evicted == sorted(evicted) and evicted[0] > 0, evicted
+    assert all(float(row["rss_mb"]) > 0 for row in rows), rows
+
+
+@pytest.mark.timeout(3 * DEADLINE_S)
+def test_one_process_bounded_table_evicts_within_capacity_and_resumes_an_old_csv(tmp_path):
+    run = ["--capacity", "8000", "--grad-accum", "2", "--steps", "30", "--eval-every", "0", "--checkpoint-every", "10"]
+    stopped = _one_process(*run, "--stop-after", "10", "--out-dir", str(tmp_path))
+    assert "DeepFM: one HashTable of 8,000 rows (capacity 8,000 per rank, lru)" in stopped, stopped
+    first = _metrics(tmp_path)
+    _assert_bounded(first, 8000)
+
+    # A CSV written before the evicted and rss_mb columns existed: --resume keeps its rows and goes on.
+    old = ["step", "samples", "seconds", "loss", "train_auc", "test_auc", "samples_per_s", "lr_sparse", "lr_dense"]
+    with open(tmp_path / "metrics.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, old + ["rows"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(first)
+    resumed = _one_process(*run, "--resume", "--out-dir", str(tmp_path))
+    assert "trained steps 10-30 " in resumed
+    rows = _assert_outputs(tmp_path, 30)
+    assert [int(row["step"]) for row in rows] == [10, 20, 30]
+    assert rows[0]["rows"] == first[0]["rows"] and rows[0]["evicted"] == rows[0]["rss_mb"] == ""
+    _assert_bounded(rows[1:], 8000)
+
+    # The checkpoint carries what eviction reads and counts: the run goes on as one that never stopped.
+    whole = _one_process(*run, "--out-dir", str(tmp_path / "whole"))
+    assert _test_auc(resumed) == _test_auc(whole)
+    whole_rows = _metrics(tmp_path / "whole")
+    assert [(r["rows"], r["evicted"]) for r in rows[1:]] == [(r["rows"], r["evicted"]) for r in whole_rows[1:]]
+
+
 @pytest.mark.timeout(DEADLINE_S + 30)
 def test_one_process_with_tf_optimizers_and_grad_accumulation_learns(tmp_path):
     stdout = _one_process(
