@@ -145,19 +145,23 @@ def _check_capacities(stores: list[SavedTable], directory: Path, manifest: dict,
                 )
 
 
+def _small_state(directory: Path, saved_rank: int, loaded: dict[int, dict]) -> dict[str, Any]:
+    """Saved rank ``saved_rank``'s small-state file, read once."""
+    if saved_rank not in loaded:
+        loaded[saved_rank] = torch.load(directory / rank_file(saved_rank, "pt"), weights_only=False)
+    return loaded[saved_rank]
+
+
 def _lifecycle_states(
-    stores: list[SavedTable], directory: Path, manifest: dict, own_state: dict, world_size: int, rank: int
+    stores: list[SavedTable], directory: Path, manifest: dict, loaded: dict[int, dict], world_size: int, rank: int
 ) -> dict[str, State]:
     """The lifecycle state each table of this rank restores (``lifecycle_states``), checked;
-    tables whose checkpoint has none are left out."""
+    tables whose checkpoint has none are left out. ``loaded``: the small states read so far."""
     tables = {store.key: store.table for store in stores if store.role == ROWS}
     if world_size == manifest["world_size"]:
-        own = own_state.get("lifecycle", {})
+        own = _small_state(directory, rank, loaded).get("lifecycle", {})
         return {key: checked(table, key, own[key], f"rank {rank}") for key, table in tables.items() if key in own}
-    saved = [
-        torch.load(directory / rank_file(r, "pt"), weights_only=False).get("lifecycle", {})
-        for r in range(manifest["world_size"])
-    ]
+    saved = [_small_state(directory, r, loaded).get("lifecycle", {}) for r in range(manifest["world_size"])]
     states = {key: resharded_state(table, key, [s.get(key) for s in saved], rank) for key, table in tables.items()}
     return {key: state for key, state in states.items() if state is not None}
 
@@ -197,12 +201,13 @@ def _prepare(path: str | os.PathLike, model: nn.Module, optimizers: tuple, world
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     own = rank if rank < manifest["world_size"] and world_size == manifest["world_size"] else 0
-    states = [torch.load(directory / rank_file(r, "pt"), weights_only=False) for r in sorted({0, own})]
+    loaded: dict[int, dict] = {}
+    rank0_state, own_state = _small_state(directory, 0, loaded), _small_state(directory, own, loaded)
     _check_fits(manifest, model, optimizers, world_size)
     stores = saved_tables(model, optimizers, world_size)
     _check_capacities(stores, directory, manifest, world_size, rank)
-    lifecycles = _lifecycle_states(stores, directory, manifest, states[-1], world_size, rank)
-    return _Plan(directory, manifest, states[0], states[-1], stores, lifecycles)
+    lifecycles = _lifecycle_states(stores, directory, manifest, loaded, world_size, rank)
+    return _Plan(directory, manifest, rank0_state, own_state, stores, lifecycles)
 
 
 def _restore_tables(plan: _Plan, world_size: int, rank: int) -> None:
@@ -234,8 +239,7 @@ def load(path: str | os.PathLike, model: nn.Module, *optimizers: Any) -> dict[st
         plan = _prepare(path, model, optimizers, world_size, rank)
     except (CheckpointError, FileNotFoundError) as error:
         problem = error
-    _agree(problem, world_size)
-    assert plan is not None  # _agree raised otherwise
+    _agree(problem, world_size)  # raises on every rank unless every rank has its plan
 
     _load_dense(model, plan.rank0_state["dense"])
     for optimizer, state in zip(optimizers, plan.rank0_state["optimizers"]):
