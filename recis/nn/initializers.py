@@ -19,6 +19,7 @@ import torch
 from recis.ops.hashing import GOLDEN_GAMMA, mix64
 
 _INV_2_POW_53 = 1.0 / (1 << 53)
+_MASK64 = (1 << 64) - 1
 
 
 class Initializer(Protocol):
@@ -32,9 +33,24 @@ class Initializer(Protocol):
     def __call__(self, ids: torch.Tensor, embedding_shape: Sequence[int], seed: int) -> torch.Tensor: ...
 
 
+def _as_int64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _stream_key(seed: int, stream: int) -> int:
+    """An int64 key per (seed, stream), one-to-one in the seed for each stream.
+
+    ``2 * seed + stream * 0x10001`` for seeds in [-2**62, 2**62); larger seeds take the odd
+    keys (wrapped to int64), which the doubled smaller seeds leave free.
+    """
+    odd = 0 if -(2**62) <= seed < 2**62 else 1
+    return _as_int64(2 * seed + odd + stream * 0x10001)
+
+
 def uniform_bits(ids: torch.Tensor, width: int, seed: int, stream: int = 0) -> torch.Tensor:
     """Float64 uniforms in [0, 1) of shape ``(len(ids), width)``, a pure function of the inputs."""
-    key = mix64(ids.reshape(-1, 1) ^ mix64(torch.tensor(seed * 2 + stream * 0x10001, dtype=torch.int64)))
+    key = mix64(ids.reshape(-1, 1) ^ mix64(torch.tensor(_stream_key(seed, stream), dtype=torch.int64)))
     counters = torch.arange(1, width + 1, dtype=torch.int64, device=ids.device) * GOLDEN_GAMMA
     bits = mix64(key + counters)
     return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) * _INV_2_POW_53

@@ -203,3 +203,28 @@ def test_normal_initializer_with_negative_std_raises_naming_it():
 def test_uniform_initializer_with_nan_bound_raises(low, high):
     with pytest.raises(ValueError, match="nan"):
         UniformInitializer(low, high)
+
+
+def test_draws_of_seeds_that_worked_before_are_unchanged():
+    # Values of the counter-based draws before large seeds were made to work: rows of existing
+    # tables and checkpoints' fresh ids must not move.
+    ids = _ids([0, 7, -3, 2**62])
+    expected = [[0.3069637668211851, 0.9918412937026999], [0.6347335442040033, 0.9524261879621475],
+                [0.2261293433562871, 0.3736943952417985], [0.7731320944374745, 0.7975503589719245]]  # fmt: skip
+    assert uniform_bits(ids, 2, 5).tolist() == expected
+    expected = [[0.7131054136919887, 0.7812383825192055], [0.14946485421447808, 0.8600990994046573],
+                [0.058620012174649294, 0.9950268444633534], [0.1694059294792981, 0.9890621480371279]]  # fmt: skip
+    assert uniform_bits(ids, 2, -(2**61), stream=2).tolist() == expected
+
+
+def test_every_int64_seed_works_and_seeds_a_half_range_apart_differ():
+    # HashTable takes any int64 seed; doubling the seed used to overflow from 2**62 on. The list
+    # holds pairs 2**63 apart (-1 and INT64_MAX, 0 and INT64_MIN, +-2**62, ...), which a plain
+    # wrap-around of 2 * seed would give equal draws.
+    seeds = [INT64_MIN, INT64_MIN + 1, -(2**62) - 1, -(2**62), -1, 0, 2**62 - 1, 2**62, INT64_MAX]
+    rows = [UniformInitializer()(_ids(range(50)), (4,), seed) for seed in seeds]
+    for i in range(len(rows)):
+        for j in range(i):
+            assert not torch.equal(rows[i], rows[j]), (i, j)
+    table = HashTable([4], seed=INT64_MAX, initializer=UniformInitializer())
+    torch.testing.assert_close(table(_ids([3])), rows[len(seeds) - 1][3:4].float(), rtol=0, atol=0)
