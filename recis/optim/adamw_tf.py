@@ -16,6 +16,15 @@ The class validates and holds state in torch's layout (``step``, ``exp_avg``,
 ``exp_avg_sq`` per parameter); ``adamw_tf`` is the functional core, with a
 multi-tensor path, the default (``recis.ops.adamw_tf_multi_tensor``: a fused native
 kernel, or ``torch._foreach_*``), and a per-tensor path.
+
+RecIS's signature is accepted as is: ``AdamWTF(params, lr, betas, eps, weight_decay,
+use_nesterov=False, *, maximize=False, fuse=True)``. ``use_nesterov`` must be False:
+RecIS accepts True here but both its update paths assert it is False at the first
+``step()``, so this class refuses it when constructed. ``fuse`` is RecIS's choice between
+its fused multi-tensor kernel (True) and a per-tensor loop (False); here it selects the
+same two paths as torch's ``foreach`` (True: the multi-tensor path, False: the
+per-tensor one), which compute the same formula. A state dict saved by RecIS's AdamWTF
+(groups with ``use_nesterov`` and ``fuse``, no ``foreach``) loads.
 """
 
 from __future__ import annotations
@@ -28,11 +37,36 @@ from torch.optim import Optimizer
 
 from recis.ops import adamw_tf_multi_tensor
 from recis.ops.adamw_tf_update import tf_step_size
-from recis.optim.hyperparameters import check_betas, check_eps, check_lr, check_weight_decay
+from recis.optim.hyperparameters import (
+    check_betas,
+    check_eps,
+    check_lr,
+    check_unsupported_flag,
+    check_weight_decay,
+)
+
+_NESTEROV_WHY = "Nesterov momentum is not implemented (RecIS's AdamWTF fails on it at the first step)"
+
+
+def _path_choice(foreach: bool | None, fuse: bool | None) -> bool | None:
+    """torch's ``foreach`` from either spelling: RecIS's ``fuse`` is the same switch."""
+    for name, value in (("foreach", foreach), ("fuse", fuse)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None, got {value!r}")
+    if foreach is not None and fuse is not None and foreach != fuse:
+        raise ValueError(f"foreach={foreach} and fuse={fuse} ask for different update paths; give one")
+    return foreach if foreach is not None else fuse
 
 
 class AdamWTF(Optimizer):
-    """TensorFlow-aligned AdamW for dense parameters (formula in the module docstring)."""
+    """TensorFlow-aligned AdamW for dense parameters (formula and RecIS's arguments in the module docstring).
+
+    Args:
+        params, lr, betas, eps, weight_decay, maximize: as torch.optim.AdamW.
+        use_nesterov: RecIS's switch; must be False.
+        foreach: None or True: the multi-tensor path; False: the per-tensor path.
+        fuse: RecIS's name for the same choice (True: multi-tensor); not together with a different ``foreach``.
+    """
 
     def __init__(
         self,
@@ -41,10 +75,14 @@ class AdamWTF(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        use_nesterov: bool = False,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fuse: bool | None = None,
     ) -> None:
+        check_unsupported_flag("use_nesterov", use_nesterov, _NESTEROV_WHY)
+        foreach = _path_choice(foreach, fuse)
         defaults = dict(
             lr=check_lr(lr),
             betas=check_betas(betas),
@@ -55,7 +93,18 @@ class AdamWTF(Optimizer):
         )
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also completes groups saved by RecIS's AdamWTF (``fuse`` rather than ``foreach``)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", group.pop("fuse", None))
+            group.setdefault("maximize", False)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_unsupported_flag("use_nesterov", param_group.get("use_nesterov", False), _NESTEROV_WHY)
+        if "fuse" in param_group:
+            foreach = _path_choice(param_group.get("foreach"), param_group["fuse"])
+            param_group = {**{k: v for k, v in param_group.items() if k != "fuse"}, "foreach": foreach}
         for key, check in (
             ("lr", check_lr),
             ("betas", check_betas),
@@ -99,6 +148,7 @@ class AdamWTF(Optimizer):
             check_betas(group["betas"])
             check_eps(group["eps"])
             check_weight_decay(group["weight_decay"])
+            check_unsupported_flag("use_nesterov", group.get("use_nesterov", False), _NESTEROV_WHY)
             if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError("AdamWTF does not support sparse gradients; use recis.optim.SparseAdamWTF")
 

@@ -64,3 +64,22 @@ def merge_betas(group: dict, default_betas: tuple[float, float]) -> tuple[float,
     if "betas" in group:
         return check_betas(group["betas"])
     return check_betas((separate.get("beta1", default_betas[0]), separate.get("beta2", default_betas[1])))
+
+
+def check_unsupported_flag(name: str, value: Any, why: str) -> bool:
+    """A RecIS switch for a variant that neither RecIS nor recis implements: False is accepted
+    (and returned); True raises ``ValueError`` saying ``why``; anything else is a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    if value:
+        raise ValueError(f"{name}=True is not supported: {why}")
+    return value
+
+
+def tables_argument(params: Any, param_dict: Any) -> Any:
+    """The tables of a sparse optimizer, given positionally (``params``) or as RecIS's ``param_dict=``."""
+    if params is None and param_dict is None:
+        raise TypeError("a sparse optimizer needs its tables: pass them first or as param_dict=")
+    if params is not None and param_dict is not None:
+        raise TypeError("give the tables once: as the first argument or as param_dict=, not both")
+    return params if params is not None else param_dict

@@ -17,13 +17,37 @@ Reference: torch.optim.SparseAdam on nn.Embedding(sparse=True) when weight_decay
 
 from __future__ import annotations
 
+from typing import Any
+
 from recis.ops import EpsilonPlacement, WeightDecay
-from recis.optim.sparse_optimizer import SparseOptimizer
+from recis.optim.hyperparameters import check_unsupported_flag
+from recis.optim.sparse_optimizer import DEFAULT_BETA1, DEFAULT_BETA2, SparseOptimizer, TableParams
 
 
 class SparseAdam(SparseOptimizer):
-    """Adam on the touched rows of hash tables, as torch.optim.SparseAdam. Arguments: see ``SparseOptimizer``."""
+    """Adam on the touched rows of hash tables, as torch.optim.SparseAdam.
+
+    Positional arguments in RecIS's order: ``(param_dict, lr, beta1, beta2, eps,
+    weight_decay, amsgrad)``; ``amsgrad`` must be False (AMSGrad is not implemented,
+    and RecIS raises ``ValueError`` for True too). Other arguments: see ``SparseOptimizer``.
+    The default weight decay is 0 (as torch.optim.SparseAdam); RecIS's signature says 1e-2
+    while its docstring's example says "no weight decay by default".
+    """
 
     weight_decay_rule = WeightDecay.L2
     epsilon_placement = EpsilonPlacement.UNCORRECTED
     default_weight_decay = 0.0
+
+    def __init__(
+        self,
+        params: TableParams | None = None,
+        lr: float = 1e-3,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        eps: float = 1e-8,
+        weight_decay: float | None = 0.0,
+        amsgrad: bool = False,
+        **options: Any,
+    ) -> None:
+        check_unsupported_flag("amsgrad", amsgrad, "AMSGrad is not implemented (RecIS's SparseAdam refuses it too)")
+        super().__init__(params, lr, beta1, beta2, eps, weight_decay, **options)

@@ -23,7 +23,7 @@ import torch
 
 from recis.nn.modules.hashtable import HashTable
 from recis.ops import EpsilonPlacement, WeightDecay, sparse_adam_update
-from recis.optim.hyperparameters import check_eps, check_lr, check_weight_decay, merge_betas
+from recis.optim.hyperparameters import check_eps, check_lr, check_weight_decay, merge_betas, tables_argument
 
 DEFAULT_BETA1 = 0.9
 DEFAULT_BETA2 = 0.999
@@ -66,6 +66,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         params: tables to optimize: the dict of ``filter_out_sparse_param``, an iterable of
             ``HashTable``, or a list of param-group dicts (``{"params": ..., "lr": ...}``)
             whose entries override the defaults for their tables.
+        param_dict: RecIS's name for ``params`` (keyword only; the same values); give one of the two.
         lr, beta1, beta2, eps: the Adam hyperparameters of the formula.
         weight_decay: its coefficient; None takes the class's ``default_weight_decay``.
         betas: ``(beta1, beta2)``, the torch spelling; not together with beta1/beta2.
@@ -85,19 +86,21 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: TableParams,
+        params: TableParams | None = None,
         lr: float = 1e-3,
         beta1: float = DEFAULT_BETA1,
         beta2: float = DEFAULT_BETA2,
         eps: float = 1e-8,
         weight_decay: float | None = None,
         *,
+        param_dict: TableParams | None = None,
         betas: tuple[float, float] | None = None,
         maximize: bool = False,
         bias_correction: str = "table",
         state_dtype: torch.dtype = torch.float32,
         skip_nonfinite: bool = False,
     ) -> None:
+        params = tables_argument(params, param_dict)
         if weight_decay is None:
             weight_decay = self.default_weight_decay
         spelled_separately = beta1 is not DEFAULT_BETA1 or beta2 is not DEFAULT_BETA2
