@@ -307,3 +307,17 @@ def test_adamw_tf_loaded_group_with_use_nesterov_true_refuses_to_step_and_change
         dense_steps(params, optimizer, steps=1)
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
+
+
+def test_lr_as_a_one_element_tensor_trains_as_the_float_it_holds():
+    # RecIS's AdamWTF declares lr: Union[float, Tensor]; the sparse optimizers accept it too.
+    lr = torch.tensor(0.05)  # float32: 0.0500000007...
+    params, reference = dense_params(), dense_params()
+    dense_steps(params, AdamWTF(params, lr, weight_decay=0.1), steps=3)
+    dense_steps(reference, AdamWTF(reference, lr.item(), weight_decay=0.1), steps=3)
+    for p, q in zip(params, reference):
+        assert torch.equal(p, q)
+    by_tensor, by_float = make_table(), make_table()
+    train(by_tensor, SparseAdamW(param_dict={"emb": by_tensor}, lr=lr))
+    train(by_float, SparseAdamW(param_dict={"emb": by_float}, lr=lr.item()))
+    assert torch.equal(by_tensor.weight, by_float.weight)
