@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from recis.dist.exchange import PeerError, all_gather_blocks, group_size_and_ran
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_lookup import sharded_lookup
 from recis.nn.functional import GradReceiver
-from recis.nn.hashtable_hook import AdmitHook, FilterHook
+from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.initializers import Initializer
 from recis.nn.modules.hashtable import HashTable
 
@@ -63,36 +64,29 @@ class ShardedHashTable(HashTable):
     def __init__(
         self,
         embedding_shape: int | Sequence[int],
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        initializer: Initializer | None = None,
-        name: str | None = None,
-        seed: int = 0,
-        capacity: int | None = None,
-        eviction: str | None = None,
-        admit_hook: AdmitHook | None = None,
-        filter_hook: FilterHook | None = None,
+        *args: Any,
         process_group: dist.ProcessGroup | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            embedding_shape, dtype=dtype, device=device, initializer=initializer, name=name, seed=seed,
-            capacity=capacity, eviction=eviction, admit_hook=admit_hook, filter_hook=filter_hook,
-        )  # fmt: skip
+        """``HashTable``'s arguments (RecIS's positional order included), and the process group."""
+        super().__init__(embedding_shape, *args, **kwargs)
         self.process_group = process_group
         self.world_size, self.rank = group_size_and_rank(process_group)
-        require_same_config(
-            self.describe(),
-            {
-                "embedding_shape": list(self.embedding_shape),
-                "dtype": str(dtype),
-                "seed": seed,
-                "name": name,
-                "initializer": _describe_initializer(initializer),
-                **self.lifecycle.config(),
-            },
-            process_group,
-        )
+        require_same_config(self.describe(), self._config(), process_group)
+
+    def _config(self) -> dict[str, Any]:
+        """What must agree across ranks."""
+        return {
+            "embedding_shape": list(self.embedding_shape),
+            "dtype": str(self.dtype),
+            "seed": self.seed,
+            "name": self.name,
+            "initializer": _describe_initializer(self.initializer()),
+            "grad_reduce_by": self.grad_reduce_by,
+            "children": list(self.children_info.names),
+            "coalesced": self.children_info.coalesced,
+            **self.lifecycle.config(),
+        }
 
     def describe(self) -> str:
         return f"Sharded{super().describe()}"
@@ -157,9 +151,9 @@ class ShardedHashTable(HashTable):
         owned_ids, owned_values = routing.forward([sorted_ids[0], routing.by_owner(0, values)])
         self.assign_rows(owned_ids, owned_values)
 
-    def ids(self) -> torch.Tensor:
-        """Every id of the table, gathered from all ranks (rank 0's first, each in row order)."""
-        return all_gather_blocks([self.local_ids()], self.process_group)[0]
+    def ids(self, child: str | None = None) -> torch.Tensor:
+        """Every id of the table (of ``child``), gathered from all ranks (rank 0's first, each in row order)."""
+        return all_gather_blocks([super().ids(child)], self.process_group)[0]
 
     def num_ids(self) -> int:
         """How many ids the whole table holds (collective)."""

@@ -76,7 +76,7 @@ def _owner_shard_of(replica: HashTable) -> HashTable:
         replica.embedding_shape,
         dtype=replica.dtype,
         device=replica.device,
-        initializer=replica.initializer,
+        initializer=replica.initializer(),
         name=replica.name,
         seed=replica.seed,
     )
@@ -283,7 +283,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     rows, grad = rows[has_row], grad[has_row]
                 if gradient.repeats:
                     rows, grad = coalesce_rows(rows, grad)
-            self.optimizer.apply_gradient(route_.target, rows, grad, workers=self.world_size)
+            workers = self.world_size if route_.source.grad_reduce_by == "worker" else 1  # RecIS's meaning
+            self.optimizer.apply_gradient(route_.target, rows, grad, workers=workers)
 
     @staticmethod
     def _rows_of_replicated(route_: _Route, gradient: _OwnedGradient) -> tuple[torch.Tensor, torch.Tensor]:

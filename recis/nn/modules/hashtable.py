@@ -27,14 +27,27 @@ from recis.nn.gradient_buffer import GradientBuffer
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import Initializer, default_initializer
 from recis.nn.row_lifecycle import RowLifecycle
+from recis.nn.slicing import DEFAULT_SLICE, Slice, gen_slice
+from recis.nn.table_children import TableChildren
 from recis.nn.tables_with_filters import register_filtered_table
 from recis.store import RowStore
+
+GRAD_REDUCTIONS = ("worker", "worker_sum", "id")
 
 _SLOT_PREFIX = "slots."
 _COLUMN_PREFIX = "meta."
 _LIFECYCLE_PREFIX = "lifecycle."
 _PENDING_IDS = "pending_grad.ids"
 _PENDING_VALUES = "pending_grad.values"
+
+
+def _check_recis_options(block_size: int, slice: Slice, grad_reduce_by: str) -> None:  # noqa: A002
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"HashTable block_size must be a positive int, got {block_size!r}")
+    if not isinstance(slice, Slice):
+        raise TypeError(f"HashTable slice must be a recis.nn.slicing.Slice, got {type(slice).__name__}")
+    if grad_reduce_by not in GRAD_REDUCTIONS:
+        raise ValueError(f"HashTable grad_reduce_by must be one of {list(GRAD_REDUCTIONS)}, got {grad_reduce_by!r}")
 
 
 def _normalize_shape(embedding_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -47,20 +60,32 @@ def _normalize_shape(embedding_shape: int | Sequence[int]) -> tuple[int, ...]:
 class HashTable(nn.Module):
     """An embedding table indexed by any int64 id.
 
-    Args:
+    Args (RecIS's, in its positional order):
         embedding_shape: shape of one row, an int or a list such as ``[64]``.
+        block_size: RecIS allocates rows in blocks of this many; accepted (a positive
+            int) with no effect here: rows grow by doubling.
         dtype: dtype of the rows (float32, bfloat16, float16 or float64).
         device: device of the rows and of the ids it accepts.
+        coalesced, children: the features sharing this table (``recis.nn.table_children``);
+            a coalesced table keeps each child's ids apart.
+        slice: RecIS's key-space partition (``recis.nn.slicing``); validated, no effect.
         initializer: maps new ids to their first rows (see ``recis.nn.initializers``);
             by default uniform in +-1/sqrt(embedding_dim), deterministic in (seed, id).
+            (RecIS's default is zeros.)
         name: a label used in error messages and checkpoints.
+        grad_reduce_by: how an id's gradient is reduced, as in RecIS: ``"worker"`` (the
+            sum over its occurrences; over several ranks, the mean over workers),
+            ``"worker_sum"`` (the sum, also over workers), ``"id"`` (the mean over its
+            occurrences in each lookup, summed over lookups and workers).
+        filter_hook: a ``FilterHook`` run by ``recis.hooks.filter_hook.HashTableFilterHook``.
+
+    Keyword-only (recis):
         seed: seed of the initializer.
         capacity: at most this many rows; a full table evicts by ``eviction`` to make
             room for new ids (never a row of the current lookup nor one with a gradient
             pending) and raises ``ValueError``, changing nothing, when it cannot.
         eviction: ``"lru"`` (default with a capacity) or ``"lfu"``; see ``recis.nn.eviction``.
         admit_hook: the ``AdmitHook`` of every lookup that passes none.
-        filter_hook: a ``FilterHook`` run by ``recis.hooks.filter_hook.HashTableFilterHook``.
 
     ``table(ids)`` returns ``ids.shape + embedding_shape``. In training mode absent ids
     are inserted (as the admit hook allows); in eval mode nothing is inserted and absent
@@ -73,19 +98,25 @@ class HashTable(nn.Module):
     def __init__(
         self,
         embedding_shape: int | Sequence[int],
-        *,
+        block_size: int = 5,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        coalesced: bool = False,
+        children: Sequence[str] | None = None,
+        slice: Slice = DEFAULT_SLICE,  # noqa: A002 (RecIS's name)
         initializer: Initializer | None = None,
         name: str | None = None,
+        grad_reduce_by: str = "worker",
+        filter_hook: FilterHook | None = None,
+        *,
         seed: int = 0,
         capacity: int | None = None,
         eviction: str | None = None,
         admit_hook: AdmitHook | None = None,
-        filter_hook: FilterHook | None = None,
     ) -> None:
         super().__init__()
-        if not dtype.is_floating_point:
+        _check_recis_options(block_size, slice, grad_reduce_by)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"HashTable dtype must be a floating dtype, got {dtype}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"HashTable seed must be an int, got {seed!r}")
@@ -95,6 +126,10 @@ class HashTable(nn.Module):
         self._initializer = initializer if initializer is not None else default_initializer(self._embedding_shape)
         self.name = name
         self.seed = seed
+        self.block_size = block_size
+        self.slice = slice
+        self.grad_reduce_by = grad_reduce_by
+        self.children_info = TableChildren(children, coalesced, name)
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         self._lifecycle = RowLifecycle(
             device, capacity=capacity, eviction=eviction, admit_hook=admit_hook, filter_hook=filter_hook
@@ -145,8 +180,8 @@ class HashTable(nn.Module):
     def device(self) -> torch.device:
         return self._store.device
 
-    @property
     def initializer(self) -> Initializer:
+        """The initializer of new rows (a method, as in RecIS)."""
         return self._initializer
 
     @property
@@ -157,9 +192,36 @@ class HashTable(nn.Module):
     def __len__(self) -> int:
         return len(self._store)
 
-    def ids(self) -> torch.Tensor:
-        """The ids present, in row order (the order of ``weight``)."""
-        return self.local_ids()
+    def ids(self, child: str | None = None) -> torch.Tensor:
+        """The ids present (of ``child`` only, as stored: encoded in a coalesced table), in row order."""
+        ids = self.local_ids()
+        return ids if child is None else ids[self.children_info.holds(ids, child)]
+
+    def ids_map(self, child: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, rows)``: the ids present (of ``child``) and their rows in ``weight`` (RecIS's name)."""
+        ids = self.local_ids()
+        rows = torch.arange(ids.numel(), device=self.device)
+        if child is None:
+            return ids, rows
+        held = self.children_info.holds(ids, child)
+        return ids[held], rows[held]
+
+    def embeddings(self, child: str | None = None) -> torch.Tensor:
+        """The rows present (of ``child``), in the order of ``ids(child)``; a copy (RecIS's name)."""
+        _, rows = self.ids_map(child)
+        return self.weight.index_select(0, rows).reshape(-1, *self._embedding_shape)
+
+    def encode_ids(self, ids: torch.Tensor, child: str) -> torch.Tensor:
+        """The ids under which ``child``'s ``ids`` are stored (``recis.nn.table_children``)."""
+        return self.children_info.encode(self.checked_ids(ids), child)
+
+    @property
+    def coalesce(self) -> bool:
+        return self.children_info.coalesced
+
+    @property
+    def children_hashtable(self) -> list[str]:
+        return list(self.children_info.names)
 
     def local_ids(self) -> torch.Tensor:
         """The ids stored in this process, in row order (for a sharded table: the local shard)."""
@@ -225,8 +287,11 @@ class HashTable(nn.Module):
         return admit_hook
 
     def differentiable(self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver) -> torch.Tensor:
-        """``unique_values[inverse]``; with grad enabled, backward hands the per-unique gradient to ``receive``."""
+        """``unique_values[inverse]``; with grad enabled, backward hands the per-unique gradient to ``receive``
+        (summed over an id's occurrences; their mean with ``grad_reduce_by="id"``)."""
         if torch.is_grad_enabled():
+            if self.grad_reduce_by == "id":
+                receive = partial(_mean_over_occurrences, receive, inverse, unique_values.shape[0])
             return row_lookup(self._grad_anchor, unique_values, inverse, receive)
         return unique_values.index_select(0, inverse)
 
@@ -356,10 +421,24 @@ class HashTable(nn.Module):
         """Make room for ``row_count`` rows (and their slots) at once, instead of growing by doubling."""
         self._store.reserve(row_count)
 
-    def clear(self) -> None:
-        """Remove every row and any pending gradient (slot registrations stay)."""
+    @torch.no_grad()
+    def insert(self, ids: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """RecIS's name of ``assign``: insert or overwrite the rows of ``ids``."""
+        self.assign(ids, embeddings)
+
+    def clear(self, child: str | None = None) -> None:
+        """Remove every row (of ``child`` only, if given) and, for the whole table, any
+        pending gradient (slot registrations stay)."""
+        if child is not None:
+            moved_from, moved_to = self._store.remove(self.ids(child))
+            self._renumber_pending(moved_from, moved_to)
+            return
         self._store.clear()
         self.clear_grad()
+
+    def reset(self) -> None:
+        """RecIS's reset: ``clear()``, which here also gives the memory back."""
+        self.clear()
 
     # ------------------------------------------------------------------ filters
     @torch.no_grad()
@@ -449,6 +528,20 @@ class HashTable(nn.Module):
     def has_grad(self) -> bool:
         """Whether a gradient (possibly of zero rows) arrived since the last ``clear_grad``."""
         return bool(self._grad)
+
+    def grad(self, acc_step: int = 1) -> torch.Tensor:
+        """The pending gradient as a sparse COO tensor ``(len(self), embedding_dim)`` indexed by row
+        (``ids_map`` gives rows their ids), divided by ``acc_step`` (RecIS's name)."""
+        if isinstance(acc_step, bool) or not isinstance(acc_step, int) or acc_step < 1:
+            raise ValueError(f"{self.describe()}.grad: acc_step must be a positive int, got {acc_step!r}")
+        pending = self.pending_grad()
+        if pending is None:
+            rows, values = torch.empty(0, dtype=torch.int64, device=self.device), torch.empty(0, self.embedding_dim)
+        else:
+            rows, values = pending
+        size = (len(self), self.embedding_dim)
+        indices, values = rows.reshape(1, -1), values.to(self.device) / acc_step
+        return torch.sparse_coo_tensor(indices, values, size, check_invariants=True).coalesce()
 
     def pending_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The gradient received since ``clear_grad``, summed per row: ``(rows, grad)``.
@@ -621,6 +714,11 @@ class HashTable(nn.Module):
         return self._store.gather(rows)
 
 
+def _mean_over_occurrences(receive: GradReceiver, inverse: torch.Tensor, count: int, grad: torch.Tensor) -> None:
+    occurrences = torch.bincount(inverse.reshape(-1), minlength=count).clamp(min=1)
+    receive(grad / occurrences.unsqueeze(1).to(grad.dtype))
+
+
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
     """The hash tables of ``model``, keyed by module path; a table shared by two paths appears once."""
     return {name: module for name, module in model.named_modules() if isinstance(module, HashTable)}
@@ -642,3 +740,6 @@ def _matrix_problem(
     if tuple(value.shape) not in allowed:  # the shape, not just the element count: 0 rows of any width are 0 elements
         return f"'{key}' has shape {tuple(value.shape)}, expected {expected}"
     return None
+
+
+__all__ = ["GRAD_REDUCTIONS", "HashTable", "Slice", "filter_out_sparse_param", "gen_slice"]
