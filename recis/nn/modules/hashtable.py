@@ -124,6 +124,10 @@ class HashTable(nn.Module):
             raise ValueError(f"HashTable seed must be in [-2**63, 2**63), got {seed}")
         self._embedding_shape = _normalize_shape(embedding_shape)
         self._initializer = initializer if initializer is not None else default_initializer(self._embedding_shape)
+        if hasattr(self._initializer, "set_shape"):  # RecIS's builder calls: Xavier/Kaiming fans see the block
+            self._initializer.set_shape([block_size, *self._embedding_shape])
+            self._initializer.set_dtype(dtype)
+            self._initializer.build()
         self.name = name
         self.seed = seed
         self.block_size = block_size
