@@ -47,23 +47,27 @@ def input_dist(
     tables: Sequence[ShardedHashTable],
     ids: Sequence[torch.Tensor],
     admit_hooks: Sequence[AdmitHook | None] | None = None,
+    error: Exception | None = None,
 ) -> tuple[Routing, list, list]:
     """Send each table's distinct ids to their owners; returns the routing, the requests and the ids received.
 
     Bad ids on any rank make every rank raise (the bad rank its own error, the others ``PeerError``);
-    so do admit hooks that differ across ranks, before anything changes.
+    so do admit hooks that differ across ranks, before anything changes. A caller whose own
+    input was bad passes it as ``error``: this rank raises it, the others ``PeerError``.
     """
     if len(tables) != len(ids):
         raise ValueError(f"sharded_lookup: {len(tables)} tables but {len(ids)} id tensors")
     group = _common_group(tables)
     hooks = list(admit_hooks) if admit_hooks is not None else [None] * len(tables)
-    error, flat = None, []
-    try:
-        if len(hooks) != len(tables) or not all(hook is None or isinstance(hook, AdmitHook) for hook in hooks):
-            raise TypeError(f"sharded_lookup: admit_hooks must be one AdmitHook or None per table, got {hooks!r}")
-        flat = [table.checked_ids(table_ids).reshape(-1) for table, table_ids in zip(tables, ids)]
-    except (TypeError, ValueError) as bad_input:
-        error, hooks = bad_input, [None] * len(tables)
+    if error is None:
+        try:
+            if len(hooks) != len(tables) or not all(hook is None or isinstance(hook, AdmitHook) for hook in hooks):
+                raise TypeError(f"sharded_lookup: admit_hooks must be one AdmitHook or None per table, got {hooks!r}")
+            flat = [table.checked_ids(table_ids).reshape(-1) for table, table_ids in zip(tables, ids)]
+        except (TypeError, ValueError) as bad_input:
+            error = bad_input
+    if error is not None:  # take part with no ids, so that every rank learns of it and raises
+        hooks = [None] * len(tables)
         flat = [torch.empty(0, dtype=torch.int64, device=table.device) for table in tables]
     uniques = [torch.unique(table_ids, return_inverse=True) for table_ids in flat]
     routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=[_hook_code(h) for h in hooks])
@@ -136,14 +140,16 @@ def sharded_lookup(
     tables: Sequence[ShardedHashTable],
     ids: Sequence[torch.Tensor],
     admit_hooks: Sequence[AdmitHook | None] | None = None,
+    *,
+    error: Exception | None = None,
 ) -> list[torch.Tensor]:
     """``[table(ids, hook) for table, ids, hook in zip(tables, ids, admit_hooks)]`` in one exchange
-    of ids and one of rows.
+    of ids and one of rows. ``error``: this rank's input was bad; every rank raises (see ``input_dist``).
 
     Collective: every rank of the tables' process group calls it with the same tables and
     admit hooks, in the same order (each with its own ids).
     """
-    routing, requests, asked = input_dist(tables, ids, admit_hooks)
+    routing, requests, asked = input_dist(tables, ids, admit_hooks, error)
     answers = lookup(tables, asked, admit_hooks)
     return output_dist(routing, requests, answers)
 

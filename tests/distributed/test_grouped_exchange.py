@@ -3,43 +3,17 @@ number of tables, a world of one makes none, and the grouped lookup trains like 
 
 from __future__ import annotations
 
-from collections import Counter
-from contextlib import contextmanager
-
 import pytest
 import torch
-import torch.distributed as dist
+from collective_counter import counting_collectives
 from dist_harness import run_ranks
 
 from recis.dist import ShardedHashTable, ShardedOptimizer, sharded_lookup
 from recis.nn.modules.hashtable import HashTable
 from recis.optim import SparseAdamW
 
-COLLECTIVES = ("all_to_all_single", "all_gather", "all_reduce", "broadcast", "all_gather_object", "barrier")
 MIXED_DIMS = [8 + (56 * t) // 25 for t in range(26)]  # 26 tables, dims 8 ... 64
 BATCH = 16
-
-
-@contextmanager
-def counting_collectives():
-    """Count calls of torch.distributed's collectives made inside the block."""
-    calls: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counted(name):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in COLLECTIVES:
-        setattr(dist, name, counted(name))
-    try:
-        yield calls
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def _batch(table: int, rank: int, step: int) -> torch.Tensor:
