@@ -11,7 +11,8 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
 def test_readme_one_process_snippet_runs_and_its_state_dict_holds_the_slots():
-    snippet = next(block for block in SNIPPETS if "torchrun" not in block and "capacity=" not in block)
+    others = ("torchrun", "capacity=", "EmbeddingEngine")  # the other snippets' markers
+    snippet = next(block for block in SNIPPETS if not any(marker in block for marker in others))
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "item.slots.exp_avg" in result.stdout
@@ -24,6 +25,15 @@ def test_readme_bounded_table_snippet_runs_within_capacity_and_evicts():
     stats = eval(result.stdout.strip().splitlines()[-1])  # the printed stats dict
     assert stats["rows"] <= stats["capacity"] == 400
     assert stats["evicted_capacity"] > 0 and stats["evicted_filter"] > 0 and stats["not_admitted"] > 0
+
+
+def test_readme_engine_snippet_runs_and_prints_each_features_shape():
+    snippet = next(block for block in SNIPPETS if "EmbeddingEngine" in block)
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout.strip().splitlines()[-1]) == {
+        "clicked_items": (3, 8), "target_item": (3, 8), "user": (3, 4), "city": (3, 4), "history": (3, 12),
+    }  # fmt: skip
 
 
 @pytest.mark.timeout(200)
