@@ -388,12 +388,17 @@ def test_grad_mode_forward_output_requires_grad_without_any_dense_parameter():
 # --------------------------------------------------------------------------- filter_out_sparse_param
 
 
-def test_filter_out_sparse_param_returns_tables_by_module_path_in_nested_models():
+def test_filter_out_sparse_param_keys_tables_by_name_as_recis_does():
     model = _model()
     found = filter_out_sparse_param(model)
-    assert set(found) == {"user.emb", "item"}
-    assert found["user.emb"] is model.user.emb
+    assert set(found) == {"user", "item"}
+    assert found["user"] is model.user.emb
     assert found["item"] is model.item
+
+
+def test_filter_out_sparse_param_keys_unnamed_and_same_named_tables_by_module_path():
+    model = nn.ModuleDict({"a": HashTable(2), "b": HashTable(2, name="x"), "c": HashTable(2, name="x")})
+    assert set(filter_out_sparse_param(model)) == {"a", "b", "c"}
 
 
 def test_filter_out_sparse_param_lists_a_shared_table_once():

@@ -247,12 +247,12 @@ def test_params_as_dict_list_or_group_dicts_train_the_same(optimizer_cls, form):
     _assert_tables_equal(model.second, _alone(optimizer_cls, 20, lr=0.05))
 
 
-def test_filter_out_sparse_param_finds_every_table_once_keyed_by_module_path():
+def test_filter_out_sparse_param_finds_every_table_once_keyed_by_table_name():
     model = _TwoTables()
     model.alias = model.first  # the same table under a second path
     tables = filter_out_sparse_param(model)
     assert list(tables.values()) == [model.first, model.second]
-    assert list(tables) == ["first", "second"]
+    assert list(tables) == [model.first.name, model.second.name]
     SparseAdam(tables)  # no duplicate error: a shared table appears once
 
 

@@ -724,8 +724,13 @@ def _mean_over_occurrences(receive: GradReceiver, inverse: torch.Tensor, count: 
 
 
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
-    """The hash tables of ``model``, keyed by module path; a table shared by two paths appears once."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, HashTable)}
+    """The hash tables of ``model``, each once, keyed by table name as RecIS keys them; a
+    table without a name, or whose name another of the tables has, by its module path."""
+    by_path = {path: module for path, module in model.named_modules() if isinstance(module, HashTable)}
+    names = [table.name for table in by_path.values()]
+    return {
+        table.name if table.name and names.count(table.name) == 1 else path: table for path, table in by_path.items()
+    }
 
 
 def _under(entries: dict, prefix: str) -> dict:
