@@ -201,6 +201,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self.optimizer.grad_accum_steps
 
     def set_grad_accum_steps(self, steps: int) -> None:
+        """Collective: every rank must ask for the same ``steps`` (checked before anything changes;
+        ranks that differ all raise ``ConfigMismatchError`` naming the values)."""
+        require_same_config("ShardedOptimizer.set_grad_accum_steps", {"steps": steps}, self.process_group)
         self.optimizer.set_grad_accum_steps(steps)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -217,7 +220,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self.optimizer.update_due:  # a micro-step: gradients stay local, nothing is sent
-            self.optimizer.micro_step()
+            # Nothing is applied now, and a check failing on one rank would strand the others
+            # in their next collective: a bad group is caught at the update, on every rank.
+            self.optimizer.micro_step(check=False)
             self.last_step_bytes_sent = 0
             return loss
         sent_before = traffic.bytes_sent

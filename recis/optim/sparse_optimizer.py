@@ -226,12 +226,14 @@ class SparseOptimizer(torch.optim.Optimizer):
                         self.apply_gradient(table, *pending, group)
         return loss
 
-    def micro_step(self) -> bool:
+    def micro_step(self, check: bool = True) -> bool:
         """Count one ``step()`` call of the accumulation window; True when it is the update.
 
-        Checks the param groups first, so an invalid edit raises before anything changes.
+        Checks the param groups first (unless ``check`` is False: the caller checks them
+        where it matters), so an invalid edit raises before anything changes.
         """
-        self.check_param_groups()
+        if check:
+            self.check_param_groups()
         self._accum_phase += 1
         if self._accum_phase < self._grad_accum_steps:
             return False

@@ -329,3 +329,44 @@ def test_a_bad_lr_on_one_rank_makes_every_rank_raise_at_the_step_and_changes_not
     assert results[0][0] == "PeerError" and "rank 1" in results[0][1]
     assert results[1][0] == "ValueError" and "learning rate" in results[1][1]
     assert all(seconds < 10 and unchanged for _, _, seconds, unchanged in results)
+
+
+def _bad_lr_mid_accumulation(rank, world_size):
+    table = ShardedHashTable(4, name="item")
+    optimizer = ShardedOptimizer(SparseAdamW([table], lr=0.1))
+    optimizer.set_grad_accum_steps(2)
+    optimizer.zero_grad()
+    table(torch.arange(6)).sum().backward()
+    if rank == 1:
+        optimizer.param_groups[0]["lr"] = -1.0
+    optimizer.step()  # a micro-step: nothing applied, nothing raised on one rank alone
+    table(torch.arange(6)).sum().backward()  # the next forward is collective: both ranks get here
+    before = table.weight.clone()
+    start = time.monotonic()
+    try:
+        optimizer.step()
+    except Exception as error:  # noqa: BLE001 (the test reports which error each rank saw)
+        return type(error).__name__, str(error), time.monotonic() - start, torch.equal(table.weight, before)
+    return "no error", "", 0.0, False
+
+
+def test_a_bad_lr_set_mid_accumulation_on_one_rank_reaches_every_rank_at_the_update():
+    results = run_ranks(2, _bad_lr_mid_accumulation, deadline_s=60)
+    assert results[0][0] == "PeerError" and results[1][0] == "ValueError"
+    assert all(seconds < 10 and unchanged for _, _, seconds, unchanged in results)
+
+
+def _different_accumulation(rank, world_size):
+    optimizer = ShardedOptimizer(SparseAdamW([ShardedHashTable(4, name="item")], lr=0.1))
+    start = time.monotonic()
+    try:
+        optimizer.set_grad_accum_steps(2 + rank)
+    except Exception as error:  # noqa: BLE001 (the test reports which error each rank saw)
+        return type(error).__name__, str(error), time.monotonic() - start, optimizer.grad_accum_steps
+    return "no error", "", 0.0, optimizer.grad_accum_steps
+
+
+def test_ranks_asking_for_different_accumulation_steps_all_raise_naming_them():
+    results = run_ranks(2, _different_accumulation, deadline_s=60)
+    assert all(name == "ConfigMismatchError" and "steps=3" in text for name, text, _, _ in results)
+    assert all(seconds < 10 and steps == 1 for _, _, seconds, steps in results)
