@@ -19,6 +19,12 @@ medians and, as "paired", the median of the per-round ratios):
      step in all) with one ShardedOptimizer(SparseAdamW over all) on 2 ranks, against 26
      plain HashTables with one SparseAdamW in one process on 2 threads; once with a forward
      per table, once with one ``sharded_lookup`` over all 26 (one exchange of ids and rows).
+  e  an EmbeddingEngine of 26 features (one table each, dims 8..64, 65,536 rows present
+     each), one id per feature per sample, 8,192 samples per rank on 2 gloo ranks,
+     forward + backward + ShardedOptimizer(SparseAdamW).step(), against TorchRec
+     DistributedModelParallel over an EmbeddingBagCollection of the same 26 tables,
+     sharded as TorchRec's planner chooses on CPU, FBGEMM's fused EXACT_ROWWISE_ADAGRAD
+     (no Adam on CPU) applied in backward, the same ids.  Target <= 0.8.
   s  (not in the default) the sharded step on 1, 2 and 4 ranks sharing the 2 cores, one table
      of 262,144 x 64 rows, a global batch of 16,384 ids; ratio against 1 rank.
 
@@ -84,6 +90,7 @@ WORKLOADS = {
     "one_table": Workload(rows=1_000_000, dims=(64,), batch=65_536, seed=1),
     "26_tables": Workload(rows=65_536, dims=DIMS_26, batch=4_096, seed=2),
     "small": Workload(rows=262_144, dims=(64,), batch=16_384, seed=3),
+    "engine_26": Workload(rows=65_536, dims=DIMS_26, batch=16_384, seed=4),  # 8,192 samples per rank on 2
 }
 
 
@@ -158,6 +165,80 @@ class RecisStep(Step):
 
     def update(self) -> None:
         self.optimizer.step()
+
+
+class EngineStep(Step):
+    """``recis.nn.EmbeddingEngine``: one feature per table, one id per feature per sample, pooled
+    ("sum" of one row); tables sharded over the ranks; ShardedOptimizer(SparseAdamW) over all."""
+
+    def __init__(self, workload: Workload, rank: int, world_size: int) -> None:
+        from recis.dist import ShardedOptimizer
+        from recis.nn import EmbeddingEngine, EmbeddingOption
+        from recis.optim import SparseAdamW
+
+        self.workload, self.rank, self.world_size = workload, rank, world_size
+        options = {
+            f"f{t}": EmbeddingOption(embedding_dim=dim, shared_name=f"t{t}") for t, dim in enumerate(workload.dims)
+        }
+        self.engine = EmbeddingEngine(options)
+        self.vocabularies = [vocabulary(workload, t) for t in range(len(workload.dims))]
+        owned = int(workload.rows / world_size * 1.02) + 1024
+        chunks = -(-workload.rows // (262_144 * world_size))
+        for t, vocab in enumerate(self.vocabularies):
+            _fill(self.engine.table_of(f"f{t}"), vocab[rank::world_size], owned, chunks)
+        self.optimizer = ShardedOptimizer(SparseAdamW(list(self.engine.tables().values()), lr=1e-3, weight_decay=1e-4))
+        self.samples: dict[str, torch.Tensor] = {}
+
+    def prepare(self, round_index: int) -> None:
+        self.samples = {
+            f"f{t}": vocab[positions(self.workload, t, round_index, self.rank, self.world_size)].reshape(-1, 1)
+            for t, vocab in enumerate(self.vocabularies)
+        }
+        self.optimizer.zero_grad()
+
+    def forward(self) -> torch.Tensor:
+        return sum(pooled.square().mean() for pooled in self.engine(self.samples).values())
+
+    def update(self) -> None:
+        self.optimizer.step()
+
+
+class TorchRecCollectionStep(Step):
+    """TorchRec DistributedModelParallel over an EmbeddingBagCollection of the workload's tables
+    (one feature each, one id per bag), sharded by TorchRec's planner, FBGEMM's fused ``optimizer``
+    applied in backward (no update phase). Ids are positions in each table, as in ``TorchRecStep``."""
+
+    def __init__(self, workload: Workload, optimizer: str, rank: int, world_size: int) -> None:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+        from torchrec.distributed.types import ShardingEnv
+
+        self.workload, self.rank, self.world_size = workload, rank, world_size
+        configs = [
+            EmbeddingBagConfig(name=f"t{t}", embedding_dim=dim, num_embeddings=workload.rows, feature_names=[f"f{t}"])
+            for t, dim in enumerate(workload.dims)
+        ]
+        module = _Sparse(EmbeddingBagCollection(tables=configs, device=torch.device("meta")))
+        sharder = EmbeddingBagCollectionSharder(
+            fused_params={"optimizer": EmbOptimType[optimizer], "learning_rate": 1e-3}
+        )
+        self.model = DistributedModelParallel(
+            module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), sharders=[sharder]
+        )
+        self.features = None
+
+    def prepare(self, round_index: int) -> None:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        tables = range(len(self.workload.dims))
+        values = torch.cat([positions(self.workload, t, round_index, self.rank, self.world_size) for t in tables])
+        lengths = torch.ones(values.numel(), dtype=torch.int32)
+        self.features = KeyedJaggedTensor(keys=[f"f{t}" for t in tables], values=values, lengths=lengths)
+
+    def forward(self) -> torch.Tensor:
+        return self.model(self.features).values().square().mean()
 
 
 def _fill(table: torch.nn.Module, ids: torch.Tensor, expected_rows: int, chunks: int) -> None:
@@ -245,6 +326,10 @@ VARIANTS: dict[str, Callable[[int, int], Step]] = {
     "sharded_26": lambda rank, size: RecisStep(WORKLOADS["26_tables"], True, rank, size),
     "grouped_26": lambda rank, size: RecisStep(WORKLOADS["26_tables"], True, rank, size, grouped=True),
     "sharded_small": lambda rank, size: RecisStep(WORKLOADS["small"], True, rank, size),
+    "engine_26": lambda rank, size: EngineStep(WORKLOADS["engine_26"], rank, size),
+    "torchrec_ebc_26": lambda rank, size: TorchRecCollectionStep(
+        WORKLOADS["engine_26"], "EXACT_ROWWISE_ADAGRAD", rank, size
+    ),
 }
 
 
@@ -377,6 +462,7 @@ CASES = {
         Case("d", ("2", "sharded_26"), ("1", "plain_26"), None, "26 tables: 2 ranks vs plain, 1 process"),
         Case("d", ("2", "grouped_26"), ("1", "plain_26"), None, "26 tables, sharded_lookup: 2 ranks vs plain"),
     ],
+    "e": [Case("e", ("2", "engine_26"), ("2", "torchrec_ebc_26"), 0.8, "EmbeddingEngine, 26 features vs TorchRec EBC")],
     "s": [
         Case("s", ("2", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 2 ranks vs 1"),
         Case("s", ("4", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 4 ranks vs 1"),

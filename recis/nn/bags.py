@@ -11,6 +11,7 @@ An embedding layer pools the rows of each bag. Inputs, as RecIS takes them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ class Bags:
     offsets: torch.Tensor  # (bags + 1,) int64
     weights: torch.Tensor | None  # (n,) or None
     shape: tuple[int, ...]  # the leading shape of the pooled output
+    width: int | None = None  # every bag's length, when they are all alike (dense input)
 
     @property
     def count(self) -> int:
@@ -47,8 +49,8 @@ def as_bags(name: str, inputs: torch.Tensor | RaggedTensor, input_weights: torch
         )
     if inputs.is_floating_point() or inputs.dtype == torch.bool or inputs.dim() == 0:
         raise TypeError(f"feature {name!r}: ids must be an int64 tensor of at least one dim, got {inputs.dtype}")
-    grid = inputs.reshape(-1, 1) if inputs.dim() == 1 else inputs.reshape(-1, inputs.shape[-1])
     shape = tuple(inputs.shape) if inputs.dim() == 1 else tuple(inputs.shape[:-1])
+    grid = inputs.reshape(math.prod(shape), 1 if inputs.dim() == 1 else inputs.shape[-1])
     if input_weights is not None and tuple(input_weights.shape) != tuple(inputs.shape):
         raise ValueError(
             f"feature {name!r}: input_weights have shape {tuple(input_weights.shape)}, the ids {tuple(inputs.shape)}"
@@ -56,4 +58,4 @@ def as_bags(name: str, inputs: torch.Tensor | RaggedTensor, input_weights: torch
     bags, width = grid.shape
     offsets = torch.arange(bags + 1, device=inputs.device) * width
     weights = None if input_weights is None else input_weights.reshape(-1)
-    return Bags(grid.reshape(-1).to(torch.int64), offsets, weights, shape)
+    return Bags(grid.reshape(-1).to(torch.int64), offsets, weights, shape, width)

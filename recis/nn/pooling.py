@@ -23,6 +23,8 @@ COMBINERS = ("sum", "mean", "tile")
 
 def pool(rows: torch.Tensor, bags: Bags, combiner: str, tile_len: int | None = None) -> torch.Tensor:
     """The pooled ``(bags, dim)`` (``(bags, tile_len * dim)`` for tile) rows of ``bags``."""
+    if bags.width and combiner != "tile":
+        return _pool_equal_bags(rows, bags, combiner)
     bag_of = bags.bag_of_each_id()
     if combiner == "tile":
         return _tile(rows, bags, bag_of, tile_len)
@@ -39,6 +41,21 @@ def pool(rows: torch.Tensor, bags: Bags, combiner: str, tile_len: int | None = N
             0, bag_of, bags.weights.to(rows.dtype)
         )
     return pooled / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(1)
+
+
+def _pool_equal_bags(rows: torch.Tensor, bags: Bags, combiner: str) -> torch.Tensor:
+    """Sum or mean of bags of one length (dense input): a reshape and a sum, no scatter."""
+    grid = rows.reshape(bags.count, bags.width, rows.shape[1])
+    if bags.weights is None and bags.width == 1:  # one id per bag: its row is the pooled row
+        return grid[:, 0]
+    if bags.weights is None:
+        return grid.sum(dim=1) if combiner == "sum" else grid.mean(dim=1)
+    weights = bags.weights.to(rows.dtype).reshape(bags.count, bags.width, 1)
+    pooled = (grid * weights).sum(dim=1)
+    if combiner == "sum":
+        return pooled
+    total = weights.sum(dim=1)
+    return pooled / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def _tile(rows: torch.Tensor, bags: Bags, bag_of: torch.Tensor, tile_len: int) -> torch.Tensor:

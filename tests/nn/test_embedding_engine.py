@@ -142,3 +142,15 @@ def test_bad_feature_input_changes_no_table():
     with pytest.raises(ValueError, match="unknown features \\['z'\\]"):
         engine({"a": torch.tensor([[1]]), "z": torch.tensor([[1]])})
     assert all(len(table) == 0 for table in engine.tables().values())
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_bags_pool_as_the_same_bags_given_ragged(combiner, weighted):
+    layer = DynamicEmbedding(_option(combiner=combiner))
+    ids = torch.tensor([[1, 2, 2], [3, 4, 1]])
+    weights = torch.tensor([[1.0, 0.5, 2.0], [0.0, 0.0, 0.0]]) if weighted else None
+    ragged = RaggedTensor(ids.reshape(-1), torch.tensor([0, 3, 6]), None if weights is None else weights.reshape(-1))
+    torch.testing.assert_close(layer(ids, weights), layer(ragged))
+    empty = layer(torch.empty(2, 0, dtype=torch.int64))
+    assert torch.equal(empty, torch.zeros(2, DIM))  # bags of no ids pool to zeros

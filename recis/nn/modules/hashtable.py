@@ -307,9 +307,10 @@ class HashTable(nn.Module):
                 f"{self.describe()} was reloaded between forward and backward (or filtered): its rows were "
                 "renumbered, so this gradient cannot be applied"
             )
-        present = rows >= 0  # ids without a row (eval mode, not admitted) receive no gradient
-        rows, grad = rows[present], grad[present]
-        if replacements != self._store.replacements and not torch.equal(self._store.ids_of(rows), unique_ids[present]):
+        present = rows >= 0
+        if not bool(present.all()):  # ids without a row (eval mode, not admitted) receive no gradient
+            rows, grad, unique_ids = rows[present], grad[present], unique_ids[present]
+        if replacements != self._store.replacements and not torch.equal(self._store.ids_of(rows), unique_ids):
             raise RuntimeError(
                 f"{self.describe()}: rows of this lookup were evicted for new ids before its backward; "
                 "run backward before the next lookup, or raise the capacity"
