@@ -271,8 +271,10 @@ class RowStore:
         new_weight = self._stored(weight.reshape(count, self._dim), self._dtype)
         new_slots = {}
         for name, values in slots.items():
-            dtype = self._slots[name].dtype if name in self._slots else values.dtype
-            new_slots[name] = self._stored(values.reshape(count, -1), dtype)
+            registered = self._slots.get(name)
+            dtype = registered.dtype if registered is not None else values.dtype
+            width = registered.shape[1] if registered is not None else (values.shape[-1] if values.dim() > 1 else 1)
+            new_slots[name] = self._stored(values.reshape(count, width), dtype)  # (0, -1) would be ambiguous
         for name, slot in self._slots.items():
             if name not in new_slots:
                 new_slots[name] = zero_rows((count, slot.shape[1]), dtype=slot.dtype, device=self._device)

@@ -157,3 +157,11 @@ def test_columns_travel_through_load_growth_and_moves_and_start_at_zero_for_new_
     assert store.column("seen").tolist() == [1, 2] and copy.column("seen").tolist() == [5, 6, 0]
     store.load(_ids(9), torch.zeros(1, 2), {})  # a registered column absent from a load starts at zero
     assert store.column("seen").tolist() == [0]
+
+
+def test_loading_no_rows_keeps_every_slot_width():
+    store = _store_with(1, 2)
+    store.add_slot("step", 1, torch.float32)
+    store.load(_ids(), torch.empty(0, 2), {"m": torch.empty(0, 2), "step": torch.empty(0), "new": torch.empty(0, 3)})
+    assert len(store) == 0
+    assert [tuple(store.slot(name).shape) for name in ("m", "new", "step")] == [(0, 2), (0, 3), (0, 1)]
