@@ -107,6 +107,7 @@ class RowLifecycle:
     def prepare(self, store: RowStore) -> None:
         for name in self.columns:
             store.add_column(name)
+        store.limit_rows(self.capacity)
 
     def moved(self, device: torch.device) -> None:
         self.device = device
@@ -229,6 +230,12 @@ class RowLifecycle:
         if self.filter_hook is not None:
             store.column(FILTER_STEP)[rows] = self.global_step
         if protect and self.columns:
+            store.column(GRAD_WINDOW)[rows] = self.window
+
+    def protect(self, store: RowStore, rows: torch.Tensor) -> None:
+        """A gradient arrived for ``rows``: keep them from eviction until the window ends (even
+        when ``zero_grad`` ended the window of the lookup that read them)."""
+        if self.columns:
             store.column(GRAD_WINDOW)[rows] = self.window
 
     def end_window(self) -> None:

@@ -48,6 +48,7 @@ class RowStore:
         self._columns: dict[str, torch.Tensor] = {}
         self._generation = generation
         self._replacements = 0
+        self._row_limit: int | None = None
 
     # ------------------------------------------------------------------ shape
     def __len__(self) -> int:
@@ -189,9 +190,17 @@ class RowStore:
             self._resize(row_count)
 
     def grow(self, row_count: int) -> None:
-        """Make room for ``row_count`` rows, at least doubling the buffers (amortized O(1) per row)."""
+        """Make room for ``row_count`` rows, at least doubling the buffers (amortized O(1) per row),
+        but not past the row limit (``limit_rows``) when ``row_count`` is within it."""
         if row_count > self.capacity:
-            self._resize(max(row_count, 2 * self.capacity, 16))
+            doubled = max(row_count, 2 * self.capacity, 16)
+            if self._row_limit is not None and row_count <= self._row_limit:
+                doubled = min(doubled, self._row_limit)
+            self._resize(doubled)
+
+    def limit_rows(self, row_limit: int | None) -> None:
+        """The most rows the store will hold (a bounded table's capacity): growth stops there."""
+        self._row_limit = row_limit
 
     def _resize(self, capacity: int) -> None:
         self._weight = self._grown(self._weight, capacity)

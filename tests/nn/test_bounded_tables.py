@@ -251,3 +251,24 @@ def test_sketches_that_counted_disjoint_ids_sum_to_the_sketch_that_counted_them_
     odd.add(ids[ids % 2 == 1])
     assert torch.equal(even.counters + odd.counters, whole.counters)
     assert bool((whole.estimate(ids) >= 1).all())
+
+
+def test_a_gradient_that_arrives_after_zero_grad_is_protected_until_the_next_zero_grad():
+    table = _table(capacity=4)
+    optimizer = SparseAdamW([table], lr=0.1)
+    optimizer.set_grad_accum_steps(2)
+    out = table(_ids(1, 2, 3, 4))
+    optimizer.zero_grad()  # between forward and backward: legal in torch, ends the lookup's window
+    out.sum().backward()
+    optimizer.step()  # a micro-step: the gradient stays pending
+    with pytest.raises(ValueError, match="only 0 rows can be evicted"):
+        table(_ids(5, 6, 7, 8))  # evicting 1-4 would hand their pending gradient to 5-8
+    assert sorted(table.ids().tolist()) == [1, 2, 3, 4]
+
+
+def test_a_bounded_tables_storage_stops_growing_at_its_capacity():
+    table = _table(capacity=600)
+    with torch.no_grad():
+        for start in range(0, 1200, 100):
+            table(torch.arange(start, start + 100))
+    assert len(table) == 600 and table.store.capacity == 600

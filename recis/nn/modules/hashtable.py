@@ -315,6 +315,7 @@ class HashTable(nn.Module):
                 f"{self.describe()}: rows of this lookup were evicted for new ids before its backward; "
                 "run backward before the next lookup, or raise the capacity"
             )
+        self._lifecycle.protect(self._store, rows)
         self._grad.add(rows, grad, distinct=True)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -508,7 +509,9 @@ class HashTable(nn.Module):
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
         flat_ids, grad = self.checked_gradient(ids, grad)
-        self._grad.add(self._rows_of_present(flat_ids), grad, distinct=False)
+        rows = self._rows_of_present(flat_ids)
+        self._lifecycle.protect(self._store, rows)
+        self._grad.add(rows, grad, distinct=False)
 
     def checked_gradient(self, ids: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat int64 ids and ``(len(ids), embedding_dim)`` gradient rows, or a clear error."""
