@@ -69,7 +69,10 @@ def saved_tables(model: nn.Module, optimizers: tuple[Any, ...], world_size: int)
 
 
 def table_prefixes(model: nn.Module) -> list[str]:
-    return [f"{key}." if key else "" for key in filter_out_sparse_param(model)]
+    """The ``state_dict`` prefixes of the model's tables: their module paths (every path of a
+    table reachable by several), not the table names ``filter_out_sparse_param`` keys them by."""
+    modules = model.named_modules(remove_duplicate=False)
+    return [f"{path}." if path else "" for path, module in modules if isinstance(module, HashTable)]
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import recis.checkpoint as ck
-from recis.checkpoint import CheckpointError, row_file
+from recis.checkpoint import CheckpointError, row_file, saved_tables
 from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
 from recis.optim import SparseAdam, SparseAdamW
 
@@ -82,6 +82,26 @@ def test_rows_are_streamed_in_chunks_and_round_trip_exactly(tmp_path, monkeypatc
     fresh = _make(dim=8)
     ck.load(tmp_path, *fresh)
     _assert_same_run(run, fresh)
+
+
+def test_a_table_named_unlike_its_module_path_is_saved_once_and_older_checkpoints_holding_it_twice_load(
+    tmp_path, monkeypatch
+):
+    run = _make()
+    run[0].emb.name = "user"  # its module path stays "emb"
+    _train(*run, range(3))
+    new = ck.save(tmp_path / "new", *run)
+    assert sorted(torch.load(new / "rank00000.pt", weights_only=False)["dense"]) == ["lin.bias", "lin.weight"]
+    # as recis saved it while a table's state-dict prefix was taken from its name: the rows in the dense state too
+    monkeypatch.setattr(saved_tables, "table_prefixes", lambda model: ["user."])
+    old = ck.save(tmp_path / "old", *run)
+    monkeypatch.undo()
+    assert "emb.weight" in torch.load(old / "rank00000.pt", weights_only=False)["dense"]
+    for directory in (new, old):
+        fresh = _make()
+        fresh[0].emb.name = "user"
+        ck.load(directory, *fresh)
+        _assert_same_run(run, fresh)
 
 
 def test_latest_names_the_newest_and_keep_removes_only_older_complete_checkpoints(tmp_path):
