@@ -6,18 +6,37 @@ small) per rank, and a ``latest`` file naming the newest complete one. The manif
 written last, inside a temporary directory that is renamed into place afterwards,
 and ``latest`` is replaced only after that: a checkpoint without a manifest is never
 complete, and a half-written one is never named by ``latest``.
+
+The manifest verifies itself. Format ``recis-checkpoint-2`` holds ``sha256``: the
+SHA-256, in lowercase hex, of the canonical serialization of every other field
+(``canonical``: JSON with sorted keys, no whitespace, ASCII only). The file itself is
+indented; whitespace is outside the checksum and carries nothing. ``read_manifest``
+refuses, with ``CheckpointError`` naming the file and the field, a manifest that is not
+strict JSON (UTF-8, no repeated key, no NaN), whose checksum does not match, or that
+breaks the schema of ``manifest_schema`` (which also ties counts, widths and offsets to
+the row files' sizes); ``load`` reads it before anything changes.
+
+Manifests written before the checksum (format ``recis-checkpoint-1``, no ``sha256``)
+were written by this project and are still loaded, after the same schema check; their
+files get the same size and CRC-32 check. A change the schema cannot see (the time
+stamp, the step in the name, a table's class, none of them data) goes unnoticed in
+them; every other single-bit flip of one is refused (tested).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from recis.checkpoint.manifest_schema import CHECKSUM, SchemaError, check_schema
 from recis.checkpoint.row_file import file_crc32
 
-FORMAT = "recis-checkpoint-1"
+FORMAT = "recis-checkpoint-2"
+LEGACY_FORMAT = "recis-checkpoint-1"  # before the manifest held its checksum; still loaded
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PREFIX = "ckpt-"
@@ -51,12 +70,17 @@ def sync_directory(path: Path) -> None:
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(sequence, directory) of every complete checkpoint under ``root``, oldest first."""
+    """(sequence, directory) of every complete checkpoint under ``root``, oldest first.
+
+    The sequence is read from the directory's name (``ckpt-<sequence>[-step<n>]``, as
+    ``save`` names it), not from its manifest, so a damaged manifest of an old checkpoint
+    never stops a save (nor its pruning); directories named otherwise are left alone.
+    """
     found = []
     for directory in root.glob(f"{PREFIX}*"):
-        manifest = directory / MANIFEST
-        if manifest.is_file():
-            found.append((json.loads(manifest.read_text())["sequence"], directory))
+        named = re.fullmatch(rf"{PREFIX}(\d+)(-step.*)?", directory.name)
+        if named and (directory / MANIFEST).is_file():
+            found.append((int(named.group(1)), directory))
     return sorted(found)
 
 
@@ -76,13 +100,57 @@ def resolve(path: str | os.PathLike) -> Path:
     return directory
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def canonical(body: dict[str, Any]) -> bytes:
+    """The bytes the checksum covers: JSON with sorted keys, no whitespace, ASCII only, no NaN."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def manifest_text(body: dict[str, Any]) -> str:
+    """The text of ``manifest.json`` for ``body``: format 2, with its ``sha256``."""
+    body = {**body, "format": FORMAT}
+    return json.dumps({**body, CHECKSUM: hashlib.sha256(canonical(body)).hexdigest()}, indent=1, sort_keys=True)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _parsed(path: Path) -> Any:
+    """The manifest as strict JSON (UTF-8, no repeated key, no NaN or Infinity)."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{directory / MANIFEST}: unreadable ({error})") from error
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: unreadable ({error})") from error
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of ``directory``, verified (module docstring); ``CheckpointError`` naming the
+    file and field otherwise."""
+    path = directory / MANIFEST
+    manifest = _parsed(path)
+    kind = manifest.get("format") if isinstance(manifest, dict) else None
+    if kind not in (FORMAT, LEGACY_FORMAT):
+        raise CheckpointError(f"{path}: format is {kind!r:.60}, expected {FORMAT!r} (or {LEGACY_FORMAT!r})")
+    checksummed = kind == FORMAT
+    if checksummed and CHECKSUM not in manifest:
+        raise CheckpointError(f"{path}: field {CHECKSUM!r}: missing (format {FORMAT!r} carries its checksum)")
+    if checksummed:
+        body = {key: value for key, value in manifest.items() if key != CHECKSUM}
+        if manifest[CHECKSUM] != hashlib.sha256(canonical(body)).hexdigest():
+            raise CheckpointError(f"{path}: contents differ from its own checksum (field {CHECKSUM!r}): damaged")
+    try:
+        check_schema(manifest, checksummed)
+    except SchemaError as error:
+        raise CheckpointError(f"{path}: {error}") from error
     return manifest
 
 

@@ -5,7 +5,8 @@ Protocol (rank 0 decides the name; every rank writes its own files):
 1. every rank writes ``rank<r>.bin`` (its saved tables, streamed) and ``rank<r>.pt``
    (dense state, optimizer scalars, pending gradients, every table's lifecycle state,
    ``extra``) into ``.tmp-<name>/``;
-2. rank 0 gathers every rank's file descriptions, writes ``manifest.json`` last,
+2. rank 0 gathers every rank's file descriptions, writes ``manifest.json`` (sealed with
+   its own SHA-256, see ``manifest``) last,
    renames the directory to ``<name>/`` and only then points ``latest`` at it;
 3. with ``keep=N``, older complete checkpoints are removed after that.
 
@@ -16,7 +17,6 @@ stays the latest and loadable.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import time
@@ -35,6 +35,7 @@ from recis.checkpoint.manifest import (
     MANIFEST,
     PREFIX,
     complete_checkpoints,
+    manifest_text,
     rank_file,
     sync_directory,
     write_atomically,
@@ -121,7 +122,7 @@ def _table_descriptions(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _commit(root: Path, staging: Path, name: str, manifest: dict[str, Any], keep: int | None) -> Path:
-    write_atomically(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    write_atomically(staging / MANIFEST, manifest_text(manifest))
     final = root / name
     os.rename(staging, final)
     sync_directory(root)

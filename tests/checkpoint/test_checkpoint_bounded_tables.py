@@ -18,6 +18,8 @@ from torch import nn
 import recis.checkpoint as ck
 from recis.checkpoint import CheckpointError
 from recis.checkpoint.lifecycle_states import resharded_state
+from recis.checkpoint.manifest import LEGACY_FORMAT, manifest_text
+from recis.checkpoint.row_file import row_bytes
 from recis.dist import ShardedHashTable, ShardedOptimizer
 from recis.hooks.filter_hook import HashTableFilterHook
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
@@ -218,9 +220,11 @@ def test_each_metadata_column_is_an_int64_meta_field_and_a_table_without_columns
         assert torch.equal(resumed.column(name), table.column(name)), name
 
 
-def _rewrite(directory: Path, edit_manifest=None, edit_state=None) -> None:
-    """Edit rank 0's manifest entries or small-state file, keeping the manifest's checksums true."""
+def _rewrite(directory: Path, edit_manifest=None, edit_state=None, legacy: bool = False) -> None:
+    """Edit rank 0's manifest entries or small-state file, keeping the manifest's checksums true
+    (``legacy``: write it as recis wrote manifests before they held their own checksum)."""
     manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["sha256"]
     if edit_manifest:
         edit_manifest(manifest)
     if edit_state:
@@ -229,19 +233,36 @@ def _rewrite(directory: Path, edit_manifest=None, edit_state=None) -> None:
         torch.save(state, directory / "rank00000.pt")
         payload = (directory / "rank00000.pt").read_bytes()
         manifest["files"]["rank00000.pt"] = {"bytes": len(payload), "crc32": zlib.crc32(payload)}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    if legacy:
+        text = json.dumps({**manifest, "format": LEGACY_FORMAT})
+    else:
+        text = manifest_text(manifest)
+    (directory / "manifest.json").write_text(text)
 
 
-def _drop_meta_fields(manifest: dict) -> None:
-    for row_set in manifest["row_sets"]:
-        row_set["fields"] = {k: v for k, v in row_set["fields"].items() if not k.startswith("meta.")}
+def _without_meta_fields(directory: Path):
+    """A manifest edit that also rewrites rank 0's row file without its ``meta.`` fields."""
+
+    def edit(manifest: dict) -> None:
+        data, kept = (directory / "rank00000.bin").read_bytes(), bytearray()
+        for row_set in manifest["row_sets"]:
+            fields = {}
+            for name, field in row_set["fields"].items():  # in the order they were written
+                if not name.startswith("meta."):
+                    fields[name] = {**field, "offset": len(kept)}
+                    kept += data[field["offset"] : field["offset"] + row_set["count"] * row_bytes(field)]
+            row_set["fields"] = fields
+        (directory / "rank00000.bin").write_bytes(bytes(kept))
+        manifest["files"]["rank00000.bin"] = {"bytes": len(kept), "crc32": zlib.crc32(kept)}
+
+    return edit
 
 
 def test_a_checkpoint_without_meta_fields_or_lifecycle_state_loads_rows_and_counts_no_inserts(tmp_path):
     run = _make()
     _train(run, range(1, SAVED_AT + 1))
     directory = ck.save(tmp_path, *run)
-    _rewrite(directory, _drop_meta_fields, lambda state: state.pop("lifecycle"))  # as an older recis wrote it
+    _rewrite(directory, _without_meta_fields(directory), lambda state: state.pop("lifecycle"), legacy=True)
     fresh = _make()
     before = fresh[0].emb.lifecycle.state()
     ck.load(tmp_path, *fresh)
