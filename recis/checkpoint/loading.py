@@ -45,18 +45,24 @@ from recis.checkpoint.lifecycle_states import State, checked, resharded_state
 from recis.checkpoint.live_state import TableBefore, Undo, restore_changed
 from recis.checkpoint.manifest import CheckpointError, rank_file, read_manifest, resolve, verify_files
 from recis.checkpoint.row_file import dtype_name
-from recis.checkpoint.saved_tables import ROWS, SavedTable, dense_state_dict, saved_tables, table_prefixes
+from recis.checkpoint.saved_tables import (
+    ROWS,
+    SavedTable,
+    dense_state_dict,
+    saved_tables,
+    table_prefixes,
+    tables_by_path,
+)
 from recis.checkpoint.saving import optimizer_kind, optimizer_state, world
 from recis.checkpoint.small_state import check_dense, check_pending, dense_part, read_small_state
 from recis.checkpoint.staged_rows import StagedRows, stage
 from recis.dist.sharded_optimizer import ShardedOptimizer
-from recis.nn.modules.hashtable import filter_out_sparse_param
 
 
 def _check_fits(manifest: dict[str, Any], model: nn.Module, optimizers: tuple, world_size: int) -> None:
     """Raise ``CheckpointError`` naming the table or optimizer and the field that does not fit."""
     saved_tables = manifest["tables"]
-    tables = filter_out_sparse_param(model)
+    tables = tables_by_path(model)
     if set(saved_tables) != set(tables):
         raise CheckpointError(f"tables differ: checkpoint has {sorted(saved_tables)}, the model {sorted(tables)}")
     for key, table in tables.items():

@@ -24,7 +24,7 @@ from torch import nn
 
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.dist.sharded_optimizer import ShardedOptimizer
-from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+from recis.nn.modules.hashtable import HashTable
 
 ROWS, OWNER_SLOTS = "rows", "owner_slots"
 SLOT_PREFIX, META_PREFIX = "slot.", "meta."
@@ -60,12 +60,21 @@ def saved_tables(model: nn.Module, optimizers: tuple[Any, ...], world_size: int)
         if isinstance(optimizer, ShardedOptimizer):
             shards.update(optimizer.owner_shards())
     stores = []
-    for key, table in filter_out_sparse_param(model).items():
+    for key, table in tables_by_path(model).items():
         sharded = isinstance(table, ShardedHashTable)
         stores.append(SavedTable(key, ROWS, table, partitioned=sharded))
         if id(table) in shards:
             stores.append(SavedTable(key, OWNER_SLOTS, shards[id(table)], partitioned=True))
     return stores
+
+
+def tables_by_path(model: nn.Module) -> dict[str, HashTable]:
+    """Each table of ``model`` once, keyed by its first module path: a checkpoint's table keys.
+
+    Not ``filter_out_sparse_param``'s keys (table names, as RecIS's): paths stay what
+    checkpoints written before that change hold, and a rename of a table keeps them.
+    """
+    return {path: module for path, module in model.named_modules() if isinstance(module, HashTable)}
 
 
 def table_prefixes(model: nn.Module) -> list[str]:

@@ -41,9 +41,8 @@ from recis.checkpoint.manifest import (
     write_atomically,
 )
 from recis.checkpoint.row_file import RowFileWriter, dtype_name
-from recis.checkpoint.saved_tables import ROWS, SavedTable, dense_state_dict, saved_tables
+from recis.checkpoint.saved_tables import ROWS, SavedTable, dense_state_dict, saved_tables, tables_by_path
 from recis.dist.sharded_optimizer import ShardedOptimizer
-from recis.nn.modules.hashtable import filter_out_sparse_param
 from recis.optim.sparse_optimizer import SparseOptimizer
 
 
@@ -117,7 +116,7 @@ def _table_descriptions(model: nn.Module) -> dict[str, dict[str, Any]]:
             "embedding_shape": list(table.embedding_shape),
             "dtype": dtype_name(table.dtype),
         }
-        for key, table in filter_out_sparse_param(model).items()
+        for key, table in tables_by_path(model).items()
     }
 
 

@@ -202,3 +202,16 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_latest_and_loada
     for directory in staging:
         with pytest.raises(CheckpointError, match="incomplete"):
             ck.load(directory, table, SparseAdam(HashTable(64)))
+
+
+def test_a_checkpoint_keys_tables_by_module_path_so_a_renamed_table_still_loads(tmp_path):
+    from recis.nn.modules.hashtable import HashTable
+
+    model = torch.nn.ModuleDict({"user": HashTable(4, name="first_name", seed=1)})
+    with torch.no_grad():
+        model["user"](torch.arange(5))
+    ck.save(tmp_path, model)
+    renamed = torch.nn.ModuleDict({"user": HashTable(4, name="another_name", seed=1)})
+    ck.load(tmp_path, renamed)
+    assert torch.equal(renamed["user"].ids(), model["user"].ids())
+    assert torch.equal(renamed["user"].weight, model["user"].weight)
