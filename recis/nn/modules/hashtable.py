@@ -262,7 +262,9 @@ class HashTable(nn.Module):
         admit_hook = self._checked_admit_hook(admit_hook)
         unique_ids, inverse = torch.unique(flat, return_inverse=True)
         rows, unique_values = self.unique_rows(unique_ids, admit_hook)
-        receive = partial(self._accept_unique_grad, rows, unique_ids, self._store.generation, self._store.replacements)
+        may_miss = not self.training or admit_hook is not None or self._lifecycle.admit_hook is not None
+        store = self._store
+        receive = partial(self._accept_unique_grad, rows, unique_ids, store.generation, store.replacements, may_miss)
         return self.differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
 
     def unique_rows(self, unique_ids: torch.Tensor, admit_hook: AdmitHook | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,15 +302,21 @@ class HashTable(nn.Module):
         return unique_values.index_select(0, inverse)
 
     def _accept_unique_grad(
-        self, rows: torch.Tensor, unique_ids: torch.Tensor, generation: int, replacements: int, grad: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        unique_ids: torch.Tensor,
+        generation: int,
+        replacements: int,
+        may_miss: bool,
+        grad: torch.Tensor,
     ) -> None:
         if generation != self._store.generation:
             raise RuntimeError(
                 f"{self.describe()} was reloaded between forward and backward (or filtered): its rows were "
                 "renumbered, so this gradient cannot be applied"
             )
-        present = rows >= 0
-        if not bool(present.all()):  # ids without a row (eval mode, not admitted) receive no gradient
+        if may_miss:  # ids without a row (eval mode, not admitted) receive no gradient; no host sync otherwise
+            present = rows >= 0
             rows, grad, unique_ids = rows[present], grad[present], unique_ids[present]
         if replacements != self._store.replacements and not torch.equal(self._store.ids_of(rows), unique_ids):
             raise RuntimeError(
