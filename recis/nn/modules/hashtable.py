@@ -28,6 +28,7 @@ from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import Initializer, default_initializer
 from recis.nn.row_lifecycle import RowLifecycle
 from recis.nn.slicing import DEFAULT_SLICE, Slice, gen_slice
+from recis.nn.sparse_state_dict import note_table_state, split_sparse_dense_state_dict
 from recis.nn.table_children import TableChildren
 from recis.nn.tables_with_filters import register_filtered_table
 from recis.store import RowStore
@@ -588,17 +589,18 @@ class HashTable(nn.Module):
     # slot, and, while a gradient is pending (mid-accumulation), "pending_grad.ids" and
     # "pending_grad.values", so that a checkpoint taken between updates resumes exactly.
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "ids"] = self.local_ids()
-        destination[prefix + "weight"] = self.weight.detach().reshape(len(self), *self._embedding_shape)
+        own = {"ids": self.local_ids(), "weight": self.weight.detach().reshape(len(self), *self._embedding_shape)}
         for name in self.slot_names():
-            destination[prefix + _SLOT_PREFIX + name] = self.slot(name).detach()
+            own[_SLOT_PREFIX + name] = self.slot(name).detach()
         for name in self._store.column_names():
-            destination[prefix + _COLUMN_PREFIX + name] = self._store.column(name).clone()
+            own[_COLUMN_PREFIX + name] = self._store.column(name).clone()
         for key, value in self._lifecycle.state().items():
-            destination[prefix + _LIFECYCLE_PREFIX + key] = value.clone()
+            own[_LIFECYCLE_PREFIX + key] = value.clone()
         pending = self.grad_by_id()
         if pending is not None:
-            destination[prefix + _PENDING_IDS], destination[prefix + _PENDING_VALUES] = pending
+            own[_PENDING_IDS], own[_PENDING_VALUES] = pending
+        destination.update((prefix + key, value) for key, value in own.items())
+        note_table_state(self, own["ids"], [prefix + key for key in own])  # for split_sparse_dense_state_dict
 
     def _load_from_state_dict(
         self,
@@ -763,4 +765,11 @@ def _matrix_problem(
     return None
 
 
-__all__ = ["GRAD_REDUCTIONS", "HashTable", "Slice", "filter_out_sparse_param", "gen_slice"]
+__all__ = [
+    "GRAD_REDUCTIONS",
+    "HashTable",
+    "Slice",
+    "filter_out_sparse_param",
+    "gen_slice",
+    "split_sparse_dense_state_dict",
+]
