@@ -101,7 +101,6 @@ class EmbeddingOption:
             "initializer": repr(self.initializer),
             "grad_reduce_by": self.grad_reduce_by,
             "filter_hook": str(self.filter_hook),
-            "admit_hook": str(self.admit_hook),
             "seed": self.seed,
             "capacity": self.capacity,
             "eviction": self.eviction,
@@ -109,13 +108,15 @@ class EmbeddingOption:
         }
 
     def runtime_config(self) -> dict[str, Any]:
-        """What the feature does with its rows (may differ between features of a table)."""
+        """What the feature does with its rows (may differ between features of a table): as in
+        RecIS, the admit hook is the feature's; features of one table may admit differently."""
         return {
             "combiner": self.combiner,
             "combiner_kwargs": self.combiner_kwargs,
             "use_weight": self.use_weight,
             "trainable": self.trainable,
             "no_reduce": self.no_reduce,
+            "admit_hook": str(self.admit_hook),
         }
 
 

@@ -5,12 +5,16 @@ dict of feature inputs (dense int64 tensors or ``RaggedTensor``s) to a dict of p
 embeddings, as RecIS's does:
 
 - Features with the same ``shared_name`` share one table: an id of two such features
-  is one row. They must agree on the table's options (dim, dtype, initializer, hooks,
-  ...); their combiners may differ.
+  is one row. They must agree on the table's options (dim, dtype, initializer, filter
+  hook, ...); their combiners may differ, and so may their admit hooks, as in RecIS: a
+  feature with ``AdmitHook("ReadOnly")`` reads the rows another feature of its table
+  inserts, and brings in no id of its own. (Sharded across ranks, the features of a
+  table must share one admit hook; a ``ValueError`` says so at construction.)
 - Tables with ``coalesced=True`` and equal options are merged into one physical table
   whose children are their shared names; each keeps its ids apart (RecIS's 12-bit child
   encoding, ``recis.nn.table_children``). Fewer tables, fewer kernel calls.
-- One lookup per physical table per forward, of all its features' ids at once. Under
+- One lookup per physical table and admit hook per forward, of all those features' ids
+  at once, in the order the options name their first features. Under
   torch.distributed (several ranks, or ``pg``) the tables are sharded and the lookups of
   all tables go through ONE ``recis.dist.sharded_lookup``: three collective calls per
   forward however many features and tables. Bad input on one rank makes every rank
@@ -20,13 +24,15 @@ embeddings, as RecIS's does:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from recis.nn.bags import Bags, as_bags
+from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.modules.embedding import (
     EmbeddingOption,
     NoReduceEmbedding,
@@ -56,6 +62,18 @@ def _check_options(emb_options: Mapping[str, EmbeddingOption]) -> None:
                 )
 
 
+def _distinct(hooks: Iterable[AdmitHook | None]) -> list[AdmitHook | None]:
+    """The distinct hooks, in order of first appearance."""
+    return list(dict.fromkeys(hooks))
+
+
+def _index_of(entry: tuple[str, AdmitHook | None], entries: list[tuple[str, AdmitHook | None]]) -> int:
+    """The position of ``entry`` in ``entries``, appended if absent."""
+    if entry not in entries:
+        entries.append(entry)
+    return entries.index(entry)
+
+
 def _physical_tables(emb_options: Mapping[str, EmbeddingOption]) -> dict[str, list[str]]:
     """Physical table name -> the shared names it holds (coalesced tables with equal options merge)."""
     groups: dict[str, list[str]] = {}
@@ -81,18 +99,39 @@ class EmbeddingEngine(nn.Module):
         self._distributed = is_distributed(self._pg)
         self._tables = nn.ModuleDict()
         self._fea_to_ht: dict[str, str] = {}
+        self._lookups: list[tuple[str, AdmitHook | None]] = []  # (table key, admit hook): one lookup each
+        self._fea_to_lookup: dict[str, int] = {}
         for key, (physical, shared_names) in enumerate(_physical_tables(emb_options).items()):
+            features = [name for name, option in emb_options.items() if option.shared_name in shared_names]
+            hooks = _distinct(emb_options[name].admit_hook for name in features)
             option = next(o for o in emb_options.values() if o.shared_name == shared_names[0])
+            option = replace(option, admit_hook=hooks[0] if len(hooks) == 1 else None)  # else: per lookup
             self._tables[f"table{key}"] = make_table(option, physical, shared_names, self._pg)
-            for feature, feature_option in emb_options.items():
-                if feature_option.shared_name in shared_names:
-                    self._fea_to_ht[feature] = f"table{key}"
+            for feature in features:
+                self._fea_to_ht[feature] = f"table{key}"
+                self._fea_to_lookup[feature] = _index_of(
+                    (f"table{key}", emb_options[feature].admit_hook), self._lookups
+                )
         if self._distributed:
             from recis.dist.agreement import require_same_config  # recis.dist builds on recis.nn: import late
 
             options = self._options.items()
             config = {f"{name}.{k}": repr(v) for name, option in options for k, v in option.runtime_config().items()}
             require_same_config("EmbeddingEngine", config, self._pg)
+            self._refuse_mixed_admission()  # after the agreement: every rank raises, or none
+
+    def _refuse_mixed_admission(self) -> None:
+        """A sharded table applies a gradient to ids without a row unless the table itself
+        admits selectively, so its features must share one admit hook."""
+        for key, table in self._tables.items():
+            hooks = _distinct(hook for lookup_key, hook in self._lookups if lookup_key == key)
+            if len(hooks) > 1:
+                features = sorted(name for name, table_key in self._fea_to_ht.items() if table_key == key)
+                raise ValueError(
+                    f"EmbeddingEngine: the features {features} of table {table.name!r} have different admit hooks "
+                    f"({', '.join(map(str, hooks))}); sharded across ranks, the features of a table must share one "
+                    "(in one process they may differ)"
+                )
 
     def tables(self) -> dict[str, HashTable]:
         """The physical tables by their names (a coalesced one holds several shared names)."""
@@ -107,18 +146,18 @@ class EmbeddingEngine(nn.Module):
         input_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor | NoReduceEmbedding]:
         bags, error = self._bags(samples, input_weights or {})
-        keys = list(self._tables.keys())
-        ids = {key: [] for key in keys}
+        ids: list[list[torch.Tensor]] = [[] for _ in self._lookups]
         for feature, feature_bags in bags.items():
             table = self.table_of(feature)
-            ids[self._fea_to_ht[feature]].append(table.encode_ids(feature_bags.ids, self._options[feature].shared_name))
-        flat = [torch.cat(ids[key]) if ids[key] else self._no_ids(key) for key in keys]
-        rows = dict(zip(keys, self._lookup(keys, flat, error)))
-        outputs, start = {}, dict.fromkeys(keys, 0)
+            encoded = table.encode_ids(feature_bags.ids, self._options[feature].shared_name)
+            ids[self._fea_to_lookup[feature]].append(encoded)
+        flat = [torch.cat(parts) if parts else self._no_ids(key) for parts, (key, _) in zip(ids, self._lookups)]
+        rows = self._lookup(flat, error)
+        outputs, start = {}, [0] * len(self._lookups)
         for feature, feature_bags in bags.items():
-            key, count = self._fea_to_ht[feature], feature_bags.ids.numel()
-            feature_rows = rows[key][start[key] : start[key] + count]
-            start[key] += count
+            index, count = self._fea_to_lookup[feature], feature_bags.ids.numel()
+            feature_rows = rows[index][start[index] : start[index] + count]
+            start[index] += count
             outputs[feature] = feature_output(self._options[feature], feature_rows, feature_bags)
         return outputs
 
@@ -135,14 +174,15 @@ class EmbeddingEngine(nn.Module):
                 raise
             return {}, bad_input
 
-    def _lookup(self, keys: list[str], flat: list[torch.Tensor], error: Exception | None) -> list[torch.Tensor]:
-        """Each table's rows of its ids; a table's admit hook is its own (features of a table agree on it)."""
-        tables = [self._tables[key] for key in keys]
+    def _lookup(self, flat: list[torch.Tensor], error: Exception | None) -> list[torch.Tensor]:
+        """The rows of each lookup's ids: one lookup per table and admit hook (``self._lookups``)."""
+        tables = [self._tables[key] for key, _ in self._lookups]
+        hooks = [hook for _, hook in self._lookups]
         if self._distributed:
             from recis.dist.sharded_lookup import sharded_lookup  # recis.dist builds on recis.nn: import late
 
-            return sharded_lookup(tables, flat, error=error)
-        return [table(ids) for table, ids in zip(tables, flat)]
+            return sharded_lookup(tables, flat, hooks, error=error)
+        return [table(ids, admit_hook=hook) for table, ids, hook in zip(tables, flat, hooks)]
 
     def _no_ids(self, key: str) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=self._tables[key].device)
