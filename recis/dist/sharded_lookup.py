@@ -38,7 +38,7 @@ class _Request:
     inverse: torch.Tensor  # batch position -> index into ids
 
 
-def _hook_code(hook: AdmitHook | None) -> int:
+def hook_code(hook: AdmitHook | None) -> int:
     """A number equal on every rank for equal admit hooks (0: none), sent along with the sizes."""
     return 0 if hook is None else 1 + zlib.crc32(str(hook).encode()) % (2**30)
 
@@ -70,7 +70,7 @@ def input_dist(
         hooks = [None] * len(tables)
         flat = [torch.empty(0, dtype=torch.int64, device=table.device) for table in tables]
     uniques = [torch.unique(table_ids, return_inverse=True) for table_ids in flat]
-    routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=[_hook_code(h) for h in hooks])
+    routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=[hook_code(h) for h in hooks])
     _require_same_hooks(tables, routing)
     requests = []
     for t, (table, (_, inverse)) in enumerate(zip(tables, uniques)):

@@ -22,6 +22,10 @@ Two kinds of table are handled:
   replicas stay identical because updated rows are sent to every rank after each
   update. A replica an optimizer already trained hands each owner the trained rows it
   owns; the ranks must agree on which rows those are (checked at construction).
+  A bounded replica (capacity, filter or admit hook) shares its training lookups
+  (``recis.dist.lookup_union``): every replica admits and evicts the union of the ranks'
+  ids alike, and an owner drops the slots of rows the replicas give up, so that a
+  returning id starts fresh. Such replicas must hold the same rows when wrapped.
 
 A table that received a gradient on any rank counts a step on every rank, so per-table
 step counts agree everywhere and equal those of one process seeing the whole batch.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +43,7 @@ import torch.distributed as dist
 
 from recis.dist.agreement import require_same_config
 from recis.dist.exchange import all_gather_blocks, group_size_and_rank, route, traffic
+from recis.dist.lookup_union import LookupUnion
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.nn.modules.hashtable import HashTable
@@ -80,6 +86,23 @@ def _owner_shard_of(replica: HashTable) -> HashTable:
         name=replica.name,
         seed=replica.seed,
     )
+
+
+def _drop_owned_rows(shard: HashTable, world_size: int, rank: int, ids: torch.Tensor) -> None:
+    """The replica gave up the rows of ``ids``: their slots go too, so that a returning id starts fresh."""
+    shard.remove(ids[owner_rank(ids, world_size) == rank])
+
+
+def _rows_digest(table: HashTable) -> list[int]:
+    """Numbers equal on two ranks whose bounded replicas hold the same ids, metadata and lifecycle state."""
+    key = mix64(table.local_ids())
+    digest = [len(table), int(key.sum())]
+    digest += [int((key * table.column(name)).sum()) for name in table.column_names()]
+    state = table.lifecycle.state()
+    digest += state["clock_window_step"].tolist()
+    if "sketch" in state:
+        digest.append(int(state["sketch"].sum()))
+    return digest
 
 
 def _grad_dtype(table: HashTable) -> torch.dtype:
@@ -135,11 +158,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         routes = []
         for index, table in enumerate(group["params"]):
-            if not isinstance(table, ShardedHashTable) and (table.lifecycle.columns or table.lifecycle.admit_hook):
-                raise ValueError(
-                    f"{table.describe()} has a capacity, filter or admit hook: under ShardedOptimizer a bounded table "
-                    "must be a ShardedHashTable (replicas would evict differently on each rank)"
-                )
             if not isinstance(table, ShardedHashTable):
                 routes.append((index, _Route(table, self._owner_shard_for(table, group))))
             elif table.world_size == self.world_size:
@@ -169,6 +187,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if route_.source in self.optimizer.state:
             self.optimizer.state[route_.target] = self.optimizer.state.pop(route_.source)
         route_.source.drop_slots()  # slots live at owners only
+        route_.source.share_lookups(LookupUnion(self.process_group))  # replicas decide alike (lookup_union.py)
+        route_.source.register_row_removal_hook(partial(_drop_owned_rows, route_.target, self.world_size, self.rank))
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -189,6 +209,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 trained_ids = table.local_ids()[_trained_rows(table)]
                 config[f"tables[{t}].trained_rows"] = trained_ids.numel()
                 config[f"tables[{t}].trained_ids_digest"] = int(mix64(trained_ids).sum())
+                config.update({f"tables[{t}].{key}": value for key, value in table.lifecycle.config().items()})
+            if kind == "replicated" and (table.column_names() or table.lifecycle.admit_hook is not None):
+                # replicas whose lifecycle decides which ids hold rows must start alike
+                config[f"tables[{t}].rows_digest"] = _rows_digest(table)
         return config
 
     def owner_shards(self) -> dict[int, HashTable]:

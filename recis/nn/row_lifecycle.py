@@ -80,6 +80,7 @@ class RowLifecycle:
         self.window = 1  # the gradient window; rows marked with it are protected (fresh rows hold 0)
         self.global_step = 0  # the filter's step, advanced by HashTableFilterHook
         self.sketch: FrequencySketch | None = None
+        self.removal_listener: Callable[[torch.Tensor], None] | None = None  # told the ids of evicted rows
         self._counts = {name: torch.zeros((), dtype=torch.int64, device=device) for name in _COUNTERS}
 
     # ------------------------------------------------------------------ configuration
@@ -174,11 +175,15 @@ class RowLifecycle:
         self._counts["evicted_capacity"] += victims.numel()
         return self._place(store, new_ids, values, victims)
 
-    @staticmethod
-    def _place(store: RowStore, new_ids: torch.Tensor, values: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
+    def _place(
+        self, store: RowStore, new_ids: torch.Tensor, values: torch.Tensor, victims: torch.Tensor
+    ) -> torch.Tensor:
         reused = victims.numel()
         if reused:
+            evicted = store.ids_of(victims) if self.removal_listener is not None else None
             store.replace(victims, new_ids[:reused], values[:reused])
+            if evicted is not None:
+                self.removal_listener(evicted)
         return torch.cat([victims, store.insert(new_ids[reused:], values[reused:])])
 
     def _admitted(self, absent_ids: torch.Tensor, admit_hook: AdmitHook | None) -> torch.Tensor:

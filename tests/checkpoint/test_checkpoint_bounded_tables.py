@@ -195,6 +195,39 @@ def test_a_bounded_checkpoint_of_one_process_continues_on_two_ranks_as_one_proce
     _assert_same_table(_unprotected(_comparable(per_rank)), expected)  # stats summed: counters not duplicated
 
 
+def _replicated_steps(rank: int, world_size: int, root: str, load: bool, steps: range) -> dict:
+    """On a gloo rank: a bounded replicated run (a plain table under ShardedOptimizer) that loads
+    from ``root`` (or saves there after ``steps``); its replica, with its owner shard's slots."""
+    run = _make(HashTable, sharded=True)
+    if load:
+        ck.load(root, *run)
+    _train(run, steps, rank=rank, world_size=world_size)
+    if not load:
+        ck.save(root, *run)
+    shard = run[1].owner_shards()[id(run[0].emb)]
+    return {"replica": _by_id(run[0].emb), "shard": _by_id(shard)}
+
+
+def test_a_bounded_replicated_checkpoint_resumes_on_ranks_as_one_process_never_stopped(tmp_path):
+    reference = _make()
+    _train(reference, range(1, STEPS + 1))
+    assert reference[0].emb.stats()["evicted_capacity"] > 0
+    run_ranks(2, _replicated_steps, str(tmp_path), False, range(1, SAVED_AT + 1))
+    per_rank = run_ranks(2, _replicated_steps, str(tmp_path), True, range(SAVED_AT + 1, STEPS + 1))
+    expected = _unprotected(_comparable([_by_id(reference[0].emb)]))
+    slots = [key for key in expected if key.startswith("slot.")]
+    for result in per_rank:  # every replica holds the whole table of one process
+        got = _unprotected(_comparable([result["replica"]]))
+        _assert_same_table(got, {key: value for key, value in expected.items() if key not in slots})
+    owners = {key: torch.cat([result["shard"][key] for result in per_rank]) for key in ["ids", *slots]}
+    order = torch.argsort(owners["ids"])
+    trained = torch.isin(expected["ids"], owners["ids"])
+    assert bool(trained[expected["slot.exp_avg"].ne(0).any(1)].all())  # every trained row has its owner's slots
+    assert torch.equal(owners["ids"][order], expected["ids"][trained])  # no slots of rows the replicas gave up
+    for key in slots:
+        torch.testing.assert_close(owners[key][order], expected[key][trained], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize(
     "settings, columns",
     [

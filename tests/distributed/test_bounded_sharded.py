@@ -119,12 +119,3 @@ def _mismatched_hooks(rank: int, world_size: int) -> None:
 def test_tables_configured_differently_across_ranks_raise_on_every_rank():
     outcomes = run_ranks_outcomes(2, _mismatched_hooks, deadline_s=120)
     assert all("error" in outcome and "capacity" in outcome["error"] for outcome in outcomes)
-
-
-def _replicated_bounded(rank: int, world_size: int) -> None:
-    ShardedOptimizer(SparseAdamW([HashTable(DIM, capacity=8)], lr=0.1))
-
-
-def test_a_bounded_replicated_table_is_refused_by_the_sharded_optimizer():
-    outcomes = run_ranks_outcomes(2, _replicated_bounded, deadline_s=120)
-    assert all("must be a ShardedHashTable" in outcome.get("error", "") for outcome in outcomes)

@@ -272,3 +272,33 @@ def test_a_bounded_tables_storage_stops_growing_at_its_capacity():
         for start in range(0, 1200, 100):
             table(torch.arange(start, start + 100))
     assert len(table) == 600 and table.store.capacity == 600
+
+
+# ---------------------------------------------------------------------- removal and its hook
+def test_remove_drops_present_ids_ignores_absent_ones_and_the_pending_gradient_follows_moved_rows():
+    table = _table()
+    table(_ids(1, 2, 3, 4)).sum().backward()  # a gradient pending on every row
+    table.clear_grad()
+    table(_ids(4)).sum().backward()  # id 4, the last row, has a gradient pending
+    assert table.remove(_ids(1, 9, 1)) == 1
+    assert sorted(table.ids().tolist()) == [2, 3, 4]
+    rows, grad = table.pending_grad()
+    assert table.ids_of_rows(rows).tolist() == [4] and torch.equal(grad, torch.ones(1, 4))
+
+
+def test_the_row_removal_hook_hears_of_every_row_given_up_until_its_handle_is_removed():
+    table = _table(capacity=2, filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 1}))
+    heard: list[list[int]] = []
+    handle = table.register_row_removal_hook(lambda ids: heard.append(sorted(ids.tolist())))
+    with torch.no_grad():
+        table(_ids(1, 2))
+        table(_ids(3))  # evicts 1, the least recently used
+        table.remove(_ids(2, 7))
+        table.advance_filter_step(5)
+        assert table.run_filter() == 1  # 3 is stale
+        table(_ids(5, 6))
+        table.clear()
+        handle.remove()
+        table(_ids(8))
+        table.clear()
+    assert heard == [[1], [2], [3], [5, 6]]

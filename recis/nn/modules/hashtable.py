@@ -16,11 +16,13 @@ rows, input checks and the module's state dict.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from recis.nn.functional import GradReceiver, row_lookup
 from recis.nn.gradient_buffer import GradientBuffer
@@ -32,6 +34,9 @@ from recis.nn.sparse_state_dict import note_table_state, split_sparse_dense_stat
 from recis.nn.table_children import TableChildren
 from recis.nn.tables_with_filters import register_filtered_table
 from recis.store import RowStore
+
+LookupUnion = Callable[[torch.Tensor, "AdmitHook | None", "Exception | None"], torch.Tensor]
+RowRemovalHook = Callable[[torch.Tensor], None]
 
 GRAD_REDUCTIONS = ("worker", "worker_sum", "id")
 
@@ -49,6 +54,12 @@ def _check_recis_options(block_size: int, slice: Slice, grad_reduce_by: str) -> 
         raise TypeError(f"HashTable slice must be a recis.nn.slicing.Slice, got {type(slice).__name__}")
     if grad_reduce_by not in GRAD_REDUCTIONS:
         raise ValueError(f"HashTable grad_reduce_by must be one of {list(GRAD_REDUCTIONS)}, got {grad_reduce_by!r}")
+
+
+def _check_device(device: torch.device, what: str) -> None:
+    """Refuse the meta device: the id map finds rows by the ids' values, which meta tensors lack."""
+    if device.type == "meta":
+        raise ValueError(f"{what} cannot live on the meta device: its id map needs the values of its ids")
 
 
 def _normalize_shape(embedding_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -136,11 +147,15 @@ class HashTable(nn.Module):
         self.grad_reduce_by = grad_reduce_by
         self.children_info = TableChildren(children, coalesced, name)
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
+        _check_device(device, "HashTable")
         self._lifecycle = RowLifecycle(
             device, capacity=capacity, eviction=eviction, admit_hook=admit_hook, filter_hook=filter_hook
         )
         self._store = RowStore(self.embedding_dim, dtype, device)
         self._lifecycle.prepare(self._store)
+        self._lifecycle.removal_listener = self._rows_removed
+        self._row_removal_hooks: OrderedDict[int, RowRemovalHook] = OrderedDict()
+        self._lookup_union: LookupUnion | None = None
         self._grad = GradientBuffer()
         # A leaf requiring grad that every differentiable lookup hangs from.
         self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
@@ -246,8 +261,10 @@ class HashTable(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """Follow ``model.to(device)``, ``.cuda()``, ``.double()``, ``.half()``: move the table,
-        and cast its rows (optimizer slots keep their dtype). All or nothing."""
+        and cast its rows (optimizer slots keep their dtype). All or nothing; the meta device
+        is refused (``ValueError``), as at construction."""
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        _check_device(probe.device, self.describe())
         dtype = probe.dtype if probe.dtype.is_floating_point else self.dtype
         if probe.device != self.device or dtype != self.dtype:
             store = self._store.moved(probe.device, dtype)
@@ -259,34 +276,79 @@ class HashTable(nn.Module):
 
     # ------------------------------------------------------------------ reading
     def forward(self, ids: torch.Tensor, admit_hook: AdmitHook | None = None) -> torch.Tensor:
-        flat = self.checked_ids(ids).reshape(-1)
-        admit_hook = self._checked_admit_hook(admit_hook)
+        flat, admit_hook = self._checked_lookup(ids, admit_hook)
         unique_ids, inverse = torch.unique(flat, return_inverse=True)
-        rows, unique_values = self.unique_rows(unique_ids, admit_hook)
+        rows, unique_values, protected = self._unique_rows(unique_ids, admit_hook)
         may_miss = not self.training or admit_hook is not None or self._lifecycle.admit_hook is not None
         store = self._store
-        receive = partial(self._accept_unique_grad, rows, unique_ids, store.generation, store.replacements, may_miss)
+        receive = partial(
+            self._accept_unique_grad, rows, protected, unique_ids, store.generation, store.replacements, may_miss
+        )
         return self.differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
+
+    def _checked_lookup(self, ids: torch.Tensor, admit_hook: AdmitHook | None) -> tuple[torch.Tensor, AdmitHook | None]:
+        """Flat ids and the admit hook, or a clear error; a shared lookup's error reaches every rank."""
+        try:
+            return self.checked_ids(ids).reshape(-1), self._checked_admit_hook(admit_hook)
+        except (TypeError, ValueError) as bad_input:
+            if self._shares_lookup(admit_hook):
+                no_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+                self._lookup_union(no_ids, None, bad_input)  # raises here, PeerError on the other ranks
+            raise
+
+    def share_lookups(self, union: LookupUnion | None) -> None:
+        """Make the training lookups of this replica that decide which ids hold rows (a capacity,
+        a filter or an admit hook) collective; ``recis.dist.ShardedOptimizer`` does, for replicated tables.
+
+        Such a lookup inserts, admits, evicts and counts ``union(unique_ids, admit_hook, error)``:
+        every rank's distinct ids, sorted. Every replica then makes the same decisions and stays
+        identical, as one process would with the concatenated batch. ``None``: local lookups again.
+        """
+        self._lookup_union = union
+
+    def _shares_lookup(self, admit_hook: object) -> bool:
+        decides_rows = bool(self._lifecycle.columns) or self._lifecycle.admit_hook is not None or admit_hook is not None
+        return self._lookup_union is not None and self.training and decides_rows
 
     def unique_rows(self, unique_ids: torch.Tensor, admit_hook: AdmitHook | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows (-1: none) and values of distinct ids for a lookup: in training mode, absent ids are
         inserted as the lifecycle admits them; ids without a row read zeros under an admit hook,
         else (eval mode) their initial value."""
+        rows, values, _ = self._unique_rows(unique_ids, admit_hook)
+        return rows, values
+
+    def _unique_rows(
+        self, unique_ids: torch.Tensor, admit_hook: AdmitHook | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``unique_rows``, and the rows a gradient of this lookup protects from eviction (those of
+        every rank's ids when the lookup is shared)."""
         hooked = admit_hook is not None or self._lifecycle.admit_hook is not None
+        protected = None
         if self.training:
-            rows = self._lifecycle.lookup_rows(
-                self._store, unique_ids, self.initial_values, admit_hook, protect=torch.is_grad_enabled()
-            )
+            rows, protected = self._training_rows(unique_ids, admit_hook)
             if not hooked:
-                return rows, self._store.gather(rows)
+                return rows, self._store.gather(rows), protected
         else:
             rows = self._store.find(unique_ids)
             if not hooked:
-                return rows, self._read_or_initial(unique_ids, rows)
+                return rows, self._read_or_initial(unique_ids, rows), rows
         values = torch.zeros((rows.numel(), self.embedding_dim), dtype=self.dtype, device=self.device)
         present = rows >= 0
         values[present] = self._store.gather(rows[present])
-        return rows, values
+        return rows, values, rows if protected is None else protected
+
+    def _training_rows(
+        self, unique_ids: torch.Tensor, admit_hook: AdmitHook | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of a training lookup's distinct ids, and the rows the lifecycle looked up."""
+        shared = self._shares_lookup(admit_hook)
+        looked_up = self._lookup_union(unique_ids, admit_hook, None) if shared else unique_ids
+        looked_up_rows = self._lifecycle.lookup_rows(
+            self._store, looked_up, self.initial_values, admit_hook, protect=torch.is_grad_enabled()
+        )
+        if not shared:
+            return looked_up_rows, looked_up_rows
+        return looked_up_rows.index_select(0, torch.searchsorted(looked_up, unique_ids)), looked_up_rows
 
     def _checked_admit_hook(self, admit_hook: AdmitHook | None) -> AdmitHook | None:
         if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
@@ -305,6 +367,7 @@ class HashTable(nn.Module):
     def _accept_unique_grad(
         self,
         rows: torch.Tensor,
+        protected: torch.Tensor,
         unique_ids: torch.Tensor,
         generation: int,
         replacements: int,
@@ -319,12 +382,13 @@ class HashTable(nn.Module):
         if may_miss:  # ids without a row (eval mode, not admitted) receive no gradient; no host sync otherwise
             present = rows >= 0
             rows, grad, unique_ids = rows[present], grad[present], unique_ids[present]
+            protected = protected[protected >= 0]
         if replacements != self._store.replacements and not torch.equal(self._store.ids_of(rows), unique_ids):
             raise RuntimeError(
                 f"{self.describe()}: rows of this lookup were evicted for new ids before its backward; "
                 "run backward before the next lookup, or raise the capacity"
             )
-        self._lifecycle.protect(self._store, rows)
+        self._lifecycle.protect(self._store, protected)
         self._grad.add(rows, grad, distinct=True)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -445,11 +509,37 @@ class HashTable(nn.Module):
         """Remove every row (of ``child`` only, if given) and, for the whole table, any
         pending gradient (slot registrations stay)."""
         if child is not None:
-            moved_from, moved_to = self._store.remove(self.ids(child))
-            self._renumber_pending(moved_from, moved_to)
+            self.remove(self.ids(child))
             return
+        removed = self._store.ids().clone() if self._row_removal_hooks else None
         self._store.clear()
         self.clear_grad()
+        if removed is not None:
+            self._rows_removed(removed)
+
+    @torch.no_grad()
+    def remove(self, ids: torch.Tensor) -> int:
+        """Remove the present ids among 1-D ``ids`` with their rows, slots and metadata (a pending
+        gradient of other rows follows them); absent ids are ignored. Returns how many were removed."""
+        ids = self.checked_ids(ids).reshape(-1)
+        present = ids[self._store.find(ids) >= 0]
+        moved_from, moved_to = self._store.remove(present)
+        self._renumber_pending(moved_from, moved_to)
+        self._rows_removed(present)
+        return torch.unique(present).numel()
+
+    def register_row_removal_hook(self, hook: RowRemovalHook) -> RemovableHandle:
+        """Call ``hook(ids)`` with the ids whose rows the table gave up: evicted for new ids, filtered,
+        removed or cleared. Returns a handle whose ``remove()`` unregisters it (``torch.nn.Module``'s
+        hook convention)."""
+        handle = RemovableHandle(self._row_removal_hooks)
+        self._row_removal_hooks[handle.id] = hook
+        return handle
+
+    def _rows_removed(self, ids: torch.Tensor) -> None:
+        if ids.numel():
+            for hook in self._row_removal_hooks.values():
+                hook(ids)
 
     def reset(self) -> None:
         """RecIS's reset: ``clear()``, which here also gives the memory back."""
@@ -465,10 +555,9 @@ class HashTable(nn.Module):
         stale = self._lifecycle.stale_ids(self._store)
         if stale.numel() == 0:
             return 0
-        moved_from, moved_to = self._store.remove(stale)
-        self._renumber_pending(moved_from, moved_to)
-        self._lifecycle.count_filtered(stale.numel())
-        return stale.numel()
+        removed = self.remove(stale)
+        self._lifecycle.count_filtered(removed)
+        return removed
 
     def advance_filter_step(self, steps: int = 1) -> None:
         """Advance the filter's global step (``HashTableFilterHook.after_step`` does, once per step)."""
@@ -518,6 +607,11 @@ class HashTable(nn.Module):
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
         flat_ids, grad = self.checked_gradient(ids, grad)
+        if self._lookup_union is not None and self._lifecycle.columns:
+            raise RuntimeError(
+                f"{self.describe()}: accept_grad is not available on a bounded replica under ShardedOptimizer "
+                "(its rows would be protected from eviction on this rank only); use a ShardedHashTable"
+            )
         rows = self._rows_of_present(flat_ids)
         self._lifecycle.protect(self._store, rows)
         self._grad.add(rows, grad, distinct=False)
