@@ -45,9 +45,9 @@ def pool(rows: torch.Tensor, bags: Bags, combiner: str, tile_len: int | None = N
 
 def _pool_equal_bags(rows: torch.Tensor, bags: Bags, combiner: str) -> torch.Tensor:
     """Sum or mean of bags of one length (dense input): a reshape and a sum, no scatter."""
+    if bags.weights is None and bags.width == 1:  # one id per bag: its row is the pooled row, as it is
+        return rows
     grid = rows.reshape(bags.count, bags.width, rows.shape[1])
-    if bags.weights is None and bags.width == 1:  # one id per bag: its row is the pooled row
-        return grid[:, 0]
     if bags.weights is None:
         return grid.sum(dim=1) if combiner == "sum" else grid.mean(dim=1)
     weights = bags.weights.to(rows.dtype).reshape(bags.count, bags.width, 1)

@@ -8,8 +8,8 @@ embeddings, as RecIS's does:
   is one row. They must agree on the table's options (dim, dtype, initializer, filter
   hook, ...); their combiners may differ, and so may their admit hooks, as in RecIS: a
   feature with ``AdmitHook("ReadOnly")`` reads the rows another feature of its table
-  inserts, and brings in no id of its own. (Sharded across ranks, the features of a
-  table must share one admit hook; a ``ValueError`` says so at construction.)
+  inserts, and brings in no id of its own (sharded across ranks too: owners tell which ids
+  have rows, and the others receive no gradient).
 - Tables with ``coalesced=True`` and equal options are merged into one physical table
   whose children are their shared names; each keeps its ids apart (RecIS's 12-bit child
   encoding, ``recis.nn.table_children``). Fewer tables, fewer kernel calls.
@@ -85,6 +85,16 @@ def _physical_tables(emb_options: Mapping[str, EmbeddingOption]) -> dict[str, li
     return {(names[0] if len(names) == 1 else "+".join(names)): names for names in groups.values()}
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The ids of one lookup: one feature's as they are, several concatenated."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _split(rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, ...]:
+    """A lookup's rows cut into its features' rows (``counts`` of them each, in order)."""
+    return (rows,) if len(counts) == 1 else rows.split(counts)
+
+
 class EmbeddingEngine(nn.Module):
     """Features -> tables -> pooled embeddings (see the module docstring)."""
 
@@ -118,20 +128,6 @@ class EmbeddingEngine(nn.Module):
             options = self._options.items()
             config = {f"{name}.{k}": repr(v) for name, option in options for k, v in option.runtime_config().items()}
             require_same_config("EmbeddingEngine", config, self._pg)
-            self._refuse_mixed_admission()  # after the agreement: every rank raises, or none
-
-    def _refuse_mixed_admission(self) -> None:
-        """A sharded table applies a gradient to ids without a row unless the table itself
-        admits selectively, so its features must share one admit hook."""
-        for key, table in self._tables.items():
-            hooks = _distinct(hook for lookup_key, hook in self._lookups if lookup_key == key)
-            if len(hooks) > 1:
-                features = sorted(name for name, table_key in self._fea_to_ht.items() if table_key == key)
-                raise ValueError(
-                    f"EmbeddingEngine: the features {features} of table {table.name!r} have different admit hooks "
-                    f"({', '.join(map(str, hooks))}); sharded across ranks, the features of a table must share one "
-                    "(in one process they may differ)"
-                )
 
     def tables(self) -> dict[str, HashTable]:
         """The physical tables by their names (a coalesced one holds several shared names)."""
@@ -151,15 +147,17 @@ class EmbeddingEngine(nn.Module):
             table = self.table_of(feature)
             encoded = table.encode_ids(feature_bags.ids, self._options[feature].shared_name)
             ids[self._fea_to_lookup[feature]].append(encoded)
-        flat = [torch.cat(parts) if parts else self._no_ids(key) for parts, (key, _) in zip(ids, self._lookups)]
-        rows = self._lookup(flat, error)
-        outputs, start = {}, [0] * len(self._lookups)
+        flat = [_joined(parts) if parts else self._no_ids(key) for parts, (key, _) in zip(ids, self._lookups)]
+        counts: list[list[int]] = [[] for _ in self._lookups]
         for feature, feature_bags in bags.items():
-            index, count = self._fea_to_lookup[feature], feature_bags.ids.numel()
-            feature_rows = rows[index][start[index] : start[index] + count]
-            start[index] += count
-            outputs[feature] = feature_output(self._options[feature], feature_rows, feature_bags)
-        return outputs
+            counts[self._fea_to_lookup[feature]].append(feature_bags.ids.numel())
+        # One split per lookup: its backward is one concatenation, where slicing out each
+        # feature's rows would build a lookup-sized zero gradient per feature.
+        parts = [iter(_split(rows, n)) for rows, n in zip(self._lookup(flat, error), counts)]
+        return {
+            feature: feature_output(self._options[feature], next(parts[self._fea_to_lookup[feature]]), feature_bags)
+            for feature, feature_bags in bags.items()
+        }
 
     def _bags(self, samples: Mapping, weights: Mapping) -> tuple[dict[str, Bags], Exception | None]:
         """Every feature's bags, or (no bags, the error) so that a sharded lookup can tell every rank."""
