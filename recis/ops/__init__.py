@@ -4,11 +4,18 @@ Each exported kernel runs, at call time, the backend that ``recis.ops.backend.ch
 names (``RECIS_BACKEND=native|torch|auto``, or ``use_backend``): the native C++/CUDA
 kernels of ``csrc/`` (fronted by ``native_kernels.py`` and ``native_id_map.py``) or the
 vectorized pure-torch kernels (``id_map.py``, ``coalesce.py``, ``sparse_adam_update.py``,
+``sparse_adagrad_update.py`` (no native twin: it runs on both backends),
 ``adamw_tf_update.py``), which stay as the reference. ``dispatch.py`` holds the fronts.
 """
 
 from recis.ops.backend import choose_backend, use_backend
-from recis.ops.dispatch import IdMap, adamw_tf_multi_tensor, coalesce_rows, sparse_adam_update
+from recis.ops.dispatch import (
+    IdMap,
+    adamw_tf_multi_tensor,
+    coalesce_rows,
+    sparse_adagrad_update_rows,
+    sparse_adam_update,
+)
 from recis.ops.hashing import mix64
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
 
@@ -20,6 +27,7 @@ __all__ = [
     "choose_backend",
     "coalesce_rows",
     "mix64",
+    "sparse_adagrad_update_rows",
     "sparse_adam_update",
     "use_backend",
 ]

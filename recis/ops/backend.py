@@ -13,10 +13,11 @@ read at each call (so a process, and the ranks it spawns, follow the environment
 ``choose_backend`` decides for every kernel call, at call time, so tests can switch
 backends within one process.
 
-One routing is made on purpose, under ``native`` too (``TORCH_KERNELS_UNDER_NATIVE``):
+Some routings are made on purpose, under ``native`` too (``TORCH_KERNELS_UNDER_NATIVE``):
 AdamWTF's multi-tensor update of CUDA tensors runs torch's ``_foreach`` kernels, which
 are fused multi-tensor CUDA kernels already; recis has no CUDA kernel of its own for it.
-It is announced by one warning when it first happens.
+The Adagrad updates (element-wise and row-wise) have no native kernel on any device and
+run the torch ones. Each routing is announced by one warning when it first happens.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ import torch
 from recis.ops.native_library import has_kernels_for, load_native_library
 
 BACKENDS = ("auto", "native", "torch")
+_NO_ADAGRAD_KERNEL = "recis has no native Adagrad kernel; the torch one is vectorized over the touched rows"
 TORCH_KERNELS_UNDER_NATIVE = {
     ("adamw_tf_multi_tensor", "cuda"): "recis has no CUDA kernel for it; torch's _foreach kernels are fused on CUDA",
+    **{
+        (op, device): _NO_ADAGRAD_KERNEL
+        for op in ("sparse_adagrad_update", "sparse_row_wise_adagrad_update")
+        for device in ("cpu", "cuda")
+    },
 }
 _override: list[str] = []  # the stack of use_backend names, innermost last
 _announced: set[str] = set()

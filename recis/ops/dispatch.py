@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from recis.ops import adamw_tf_update, coalesce, native_kernels
+from recis.ops import adamw_tf_update, coalesce, native_kernels, sparse_adagrad_update
 from recis.ops.backend import choose_backend
 from recis.ops.id_map import TorchIdMap
 from recis.ops.native_id_map import NativeIdMap
@@ -52,6 +52,34 @@ def sparse_adam_update(
     kernel(
         weight, exp_avg, exp_avg_sq, rows, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         decay=decay, epsilon=epsilon, maximize=maximize, step=step, row_steps=row_steps,
+    )  # fmt: skip
+
+
+def sparse_adagrad_update_rows(
+    weight: torch.Tensor,
+    grad_sq_sum: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    row_wise: bool,
+    lr: float,
+    lr_decay: float,
+    initial_accumulator_value: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    step: int,
+    grad_sq: torch.Tensor | None = None,
+) -> None:
+    """One fused Adagrad update (element-wise, or ``row_wise``) of ``rows`` of ``weight`` and its
+    accumulator slot, in place (the formulas: ``recis.ops.sparse_adagrad_update``). There is no
+    native kernel: both backends run the torch one (``TORCH_KERNELS_UNDER_NATIVE``)."""
+    op = "sparse_row_wise_adagrad_update" if row_wise else "sparse_adagrad_update"
+    choose_backend(weight.device, op)  # "torch" on both backends, announced once under native
+    kernel = getattr(sparse_adagrad_update, op)
+    kernel(
+        weight, grad_sq_sum, rows, grad, lr=lr, lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value,
+        eps=eps, weight_decay=weight_decay, maximize=maximize, step=step, grad_sq=grad_sq,
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Checks of Adam-family hyperparameters, shared by the sparse and dense optimizers.
+"""Checks of the optimizers' hyperparameters (Adam and Adagrad), shared by the sparse and dense ones.
 
 Every check raises before anything is changed and names the offending value.
 """
@@ -39,6 +39,14 @@ def check_eps(eps: Any) -> float:
 
 def check_weight_decay(weight_decay: Any) -> float:
     return _check_non_negative("weight_decay", "weight_decay value", weight_decay)
+
+
+def check_lr_decay(lr_decay: Any) -> float:
+    return _check_non_negative("lr_decay", "lr_decay value", lr_decay)
+
+
+def check_initial_accumulator_value(value: Any) -> float:
+    return _check_non_negative("initial_accumulator_value", "initial_accumulator_value", value)
 
 
 def check_betas(betas: Any) -> tuple[float, float]:

@@ -1,9 +1,12 @@
-"""SparseOptimizer: the shared front of SparseAdam, SparseAdamW and SparseAdamWTF.
+"""SparseOptimizer: the shared front of the sparse optimizers (the Adam and Adagrad families).
 
 The class validates hyperparameters, holds the per-table state and the gradient
 accumulation phase, and drives ``step``; the math is one call per table to
-``recis.ops.sparse_adam_update``. Subclasses only choose the weight-decay rule, the
-epsilon placement and the default weight decay.
+``recis.ops.sparse_adam_update``. Adam's subclasses only choose the weight-decay rule,
+the epsilon placement and the default weight decay. The Adagrad family
+(``recis.optim.adagrad_family``) keeps all of this and replaces the formula's parts:
+its defaults (``init_tables``), their checks (``checked_hyperparameters``), its slots
+(``_slot_specs``) and its update (``update_rows``).
 
 It is a ``torch.optim.Optimizer`` whose params are ``HashTable``s, so LR schedulers,
 step hooks and ``param_groups`` work unchanged. Optimizer slots (``exp_avg``,
@@ -83,6 +86,9 @@ class SparseOptimizer(torch.optim.Optimizer):
     weight_decay_rule: ClassVar[WeightDecay]
     epsilon_placement: ClassVar[EpsilonPlacement]
     default_weight_decay: ClassVar[float]
+    # Whether ``apply_gradient`` takes the per-contribution squared gradients (``grad_sq``);
+    # ShardedOptimizer computes them at the owners for an optimizer that does.
+    takes_grad_sq: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -116,6 +122,16 @@ class SparseOptimizer(torch.optim.Optimizer):
             state_dtype=state_dtype,
             skip_nonfinite=skip_nonfinite,
         )
+        self.init_tables(params, defaults)
+
+    def init_tables(self, params: TableParams, defaults: dict[str, Any]) -> None:
+        """The construction every sparse optimizer shares, after its own ``defaults`` are built.
+
+        Validates every param group and the slots its tables would need before any table
+        gains one, then hands the groups to ``torch.optim.Optimizer``. A subclass whose
+        hyperparameters are not Adam's (the Adagrad family) builds ``defaults`` itself and
+        calls this instead of ``SparseOptimizer.__init__``.
+        """
         self.defaults = defaults
         groups = _as_param_groups(params)
         validated = [self._validated_group(group) for group in groups]
@@ -124,7 +140,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._check_slots(group)
         self._grad_accum_steps = 1
         self._accum_phase = 0  # micro-steps taken since the last update
-        super().__init__(groups, defaults)
+        torch.optim.Optimizer.__init__(self, groups, defaults)
 
     # ------------------------------------------------------------------ groups
     def _validated_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -132,15 +148,20 @@ class SparseOptimizer(torch.optim.Optimizer):
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError(f"a param group must be a dict with a 'params' entry, got {group!r:.100}")
         merged = {**self.defaults, **group}
+        merged["params"] = _tables_of(group["params"])
+        merged["lr"] = check_lr(merged["lr"])
+        merged["eps"] = check_eps(merged["eps"])
+        merged["weight_decay"] = check_weight_decay(merged["weight_decay"])
+        return self.checked_hyperparameters(merged, group)
+
+    def checked_hyperparameters(self, merged: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """``merged`` (defaults overridden by ``group``; lr, eps and weight decay checked) with the
+        formula's own hyperparameters checked: here Adam's betas, bias correction and state dtype."""
         merged["betas"] = merge_betas(
             {key: group[key] for key in ("betas", "beta1", "beta2") if key in group}, merged.get("betas")
         )
         merged.pop("beta1", None)
         merged.pop("beta2", None)
-        merged["params"] = _tables_of(group["params"])
-        merged["lr"] = check_lr(merged["lr"])
-        merged["eps"] = check_eps(merged["eps"])
-        merged["weight_decay"] = check_weight_decay(merged["weight_decay"])
         if merged["bias_correction"] not in BIAS_CORRECTIONS:
             raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {merged['bias_correction']!r}")
         state_dtype = merged["state_dtype"]
@@ -155,6 +176,32 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.param_groups.append(group)
         for table in group["params"]:
             self.prepare_table(table, group)
+
+    def add_params(self, params: TableParams) -> None:
+        """RecIS's way to add tables: into the first param group, with its hyperparameters.
+
+        Raises ``RuntimeError``, changing nothing, for a table the optimizer already has or
+        one named like a table it has (RecIS keys tables by name). Under
+        ``recis.dist.ShardedOptimizer`` use its ``add_param_group``.
+        """
+        tables = _tables_of(params)
+        have = self._tables()
+        names = {table.name for table in have if table.name is not None}
+        for table in tables:
+            if any(table is other for other in have) or table.name in names:
+                raise RuntimeError(f"{type(self).__name__} already optimizes {table.describe()}")
+        first = self.param_groups[0]
+        grown = self._validated_group({**first, "params": [*first["params"], *tables]})
+        self._check_distinct_tables([grown, *self.param_groups[1:]])
+        self._check_slots(grown)
+        first["params"].extend(tables)
+        for table in tables:
+            self.prepare_table(table, first)
+
+    def reset_state_dict(self) -> None:
+        """RecIS's name: every table's step count back to 0 (before loading a state dict, in tests)."""
+        for table in self._tables():
+            self._table_state(table)["step"] = 0
 
     @staticmethod
     def _check_distinct_tables(groups: list[dict[str, Any]]) -> None:
@@ -270,24 +317,48 @@ class SparseOptimizer(torch.optim.Optimizer):
         group: dict[str, Any] | None = None,
         *,
         workers: int = 1,
+        grad_sq: torch.Tensor | None = None,
     ) -> None:
         """One update of ``table``: the summed gradient ``grad`` of its distinct ``rows``.
 
         The gradient is divided by ``grad_accum_steps * workers`` (the mean over the
         accumulation window and over the ``workers`` ranks that summed into it), rows with
         a non-finite gradient are skipped when ``skip_nonfinite``, the table's step count
-        advances, and one fused kernel updates rows and slots
-        (``recis.ops.sparse_adam_update``, the formula of the subclass).
+        advances, and ``update_rows`` applies the formula of the subclass in one fused
+        update of rows and slots. ``grad_sq`` (only for an optimizer whose ``takes_grad_sq``):
+        the sum over contributions (ranks) of their squared gradients, divided by the square
+        of that count.
         """
         group = self.group_of(table) if group is None else group
-        if self._grad_accum_steps * workers > 1:
-            grad = grad / (self._grad_accum_steps * workers)
+        if grad_sq is not None and not self.takes_grad_sq:
+            raise TypeError(f"{type(self).__name__} takes no grad_sq (only the Adagrad 'Sum' variants do)")
+        scale = self._grad_accum_steps * workers
+        if scale > 1:
+            grad = grad / scale
+            grad_sq = None if grad_sq is None else grad_sq / scale**2
         state = self._table_state(table)
         if group["skip_nonfinite"]:
             finite = torch.isfinite(grad).all(dim=1)
+            if grad_sq is not None:
+                finite &= torch.isfinite(grad_sq).all(dim=1)
             state["nonfinite_rows"] += (~finite).sum()
             rows, grad = rows[finite], grad[finite]
+            grad_sq = None if grad_sq is None else grad_sq[finite]
         state["step"] += 1
+        self.update_rows(table, rows, grad, group, state["step"], grad_sq)
+
+    def update_rows(
+        self,
+        table: HashTable,
+        rows: torch.Tensor,
+        grad: torch.Tensor,
+        group: dict[str, Any],
+        step: int,
+        grad_sq: torch.Tensor | None = None,
+    ) -> None:
+        """The formula: one fused update of ``table``'s distinct ``rows`` with their final gradient,
+        ``step`` being the table's step count including this update. Here the Adam family's
+        (``recis.ops.sparse_adam_update``); ``grad_sq`` is for the optimizers that take it."""
         beta1, beta2 = group["betas"]
         sparse_adam_update(
             table.weight,
@@ -303,7 +374,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             decay=self.weight_decay_rule,
             epsilon=self.epsilon_placement,
             maximize=group["maximize"],
-            step=state["step"],
+            step=step,
             row_steps=table.slot(ROW_STEP) if group["bias_correction"] == "row" else None,
         )
 
