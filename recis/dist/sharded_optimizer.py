@@ -303,6 +303,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for route_, gradient in zip(self._routes, owned):
             if gradient is None:
                 continue
+            grad_sq = self._squares_per_id(gradient) if self.optimizer.takes_grad_sq else None
             if route_.replicated:
                 rows, grad = self._rows_of_replicated(route_, gradient)
             else:  # summed by row, not by id: rows are small integers, cheaper to group
@@ -310,10 +311,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 grad = gradient.grad
                 if not bool(has_row.all()):  # ids the owner did not admit get no update
                     rows, grad = rows[has_row], grad[has_row]
+                    grad_sq = None if grad_sq is None else grad_sq[has_row]
                 if gradient.repeats:
                     rows, grad = coalesce_rows(rows, grad)
             workers = self.world_size if route_.source.grad_reduce_by == "worker" else 1  # RecIS's meaning
-            self.optimizer.apply_gradient(route_.target, rows, grad, workers=workers)
+            self.optimizer.apply_gradient(route_.target, rows, grad, workers=workers, grad_sq=grad_sq)
+
+    @staticmethod
+    def _squares_per_id(gradient: _OwnedGradient) -> torch.Tensor:
+        """For an optimizer that takes them (the Adagrad Sum variants): the sum over the ranks
+        that sent an id of their gradients' squares, aligned with ``gradient.ids`` once this
+        sums the gradient per id (in place, as ``_rows_of_replicated`` does)."""
+        grad = gradient.grad
+        if not gradient.repeats:
+            return grad * grad
+        dim = grad.shape[1]
+        gradient.ids, both = coalesce_rows(gradient.ids, torch.cat([grad, grad * grad], dim=1))
+        gradient.grad, gradient.repeats = both[:, :dim].contiguous(), False
+        return both[:, dim:].contiguous()
 
     @staticmethod
     def _rows_of_replicated(route_: _Route, gradient: _OwnedGradient) -> tuple[torch.Tensor, torch.Tensor]:
