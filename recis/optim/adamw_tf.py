@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 
 from recis.ops import adamw_tf_multi_tensor
 from recis.ops.adamw_tf_update import tf_step_size
+from recis.optim.adamw_tf_state import checked_state_dict
 from recis.optim.hyperparameters import (
     check_betas,
     check_eps,
@@ -141,14 +142,16 @@ class AdamWTF(Optimizer):
             )
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, after ``checked_state_dict`` (``adamw_tf_state``): a state dict that
+        ``step()`` could not use (a bad step count or moment, a bad hyperparameter, another
+        optimizer's) raises ``ValueError`` naming the entry, and nothing changes."""
+        super().load_state_dict(checked_state_dict(state_dict, self.param_groups, _check_hyperparameters))
+
     def _check_groups(self) -> None:
         """Raise, changing nothing, if a group was edited into an invalid state or holds a sparse gradient."""
         for group in self.param_groups:
-            check_lr(group["lr"])
-            check_betas(group["betas"])
-            check_eps(group["eps"])
-            check_weight_decay(group["weight_decay"])
-            check_unsupported_flag("use_nesterov", group.get("use_nesterov", False), _NESTEROV_WHY)
+            _check_hyperparameters(group)
             if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError("AdamWTF does not support sparse gradients; use recis.optim.SparseAdamWTF")
 
@@ -168,6 +171,14 @@ class AdamWTF(Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, steps
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    check_lr(group["lr"])
+    check_betas(group["betas"])
+    check_eps(group["eps"])
+    check_weight_decay(group["weight_decay"])
+    check_unsupported_flag("use_nesterov", group.get("use_nesterov", False), _NESTEROV_WHY)
 
 
 def adamw_tf(

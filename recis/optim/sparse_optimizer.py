@@ -427,6 +427,12 @@ class SparseOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"param group {i} has {len(group['params'])} tables, the state dict {len(saved['params'])}"
                 )
+            missing = [key for key in self.defaults if key not in saved]
+            if missing:
+                raise ValueError(
+                    f"state dict param group {i} lacks {missing}, which a sparse optimizer's groups always hold "
+                    "(is this another optimizer's state dict?)"
+                )
         tables = self._tables()
         new_groups = [
             self._validated_group({**saved, "params": group["params"]})

@@ -297,16 +297,20 @@ def test_adamw_tf_loads_a_recis_state_dict_and_continues_as_if_never_saved(fuse)
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
 
-def test_adamw_tf_loaded_group_with_use_nesterov_true_refuses_to_step_and_changes_nothing():
+def test_adamw_tf_state_dict_with_use_nesterov_true_is_refused_at_load_and_changes_nothing():
     params = dense_params()
     optimizer = recis_adamw_tf(params)
     dense_steps(params, optimizer, steps=1)
-    optimizer.load_state_dict(recis_layout(optimizer.state_dict(), fuse=True, use_nesterov=True))
+    saved = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: use_nesterov=True is not supported"):
+        optimizer.load_state_dict(recis_layout(copy.deepcopy(saved), fuse=True, use_nesterov=True))
+    assert optimizer.param_groups[0]["foreach"] is None and "use_nesterov" not in optimizer.param_groups[0]
+    for i, p in enumerate(params):
+        for key, value in saved["state"][i].items():
+            assert torch.equal(optimizer.state[p][key], value)
     before = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match=r"use_nesterov=True is not supported"):
-        dense_steps(params, optimizer, steps=1)
-    for p, b in zip(params, before):
-        assert torch.equal(p.detach(), b)
+    dense_steps(params, optimizer, steps=1)  # still steps with its own, valid group
+    assert not all(torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
 def test_lr_as_a_one_element_tensor_trains_as_the_float_it_holds():
