@@ -64,9 +64,9 @@ class TableBefore:
         if table.slot_names() != list(self.slots):
             table.drop_slots()
         table.load_rows(self.ids, self.weight, self.slots, self.columns)
+        table.lifecycle.load_state(self.lifecycle)  # before the gradient: it protects its rows in this window
         if self.pending is not None:
             table.restore_grad(*self.pending)
-        table.lifecycle.load_state(self.lifecycle)
 
 
 @dataclass

@@ -185,11 +185,11 @@ def _commit_table(rows: StagedRows, plan: _Plan, before: TableBefore) -> None:
     rows.commit()
     if store.role != ROWS:
         return  # an owner shard: its slots only
+    if store.key in plan.lifecycles:  # before the gradient: it protects its rows in the loaded window
+        store.table.lifecycle.load_state(plan.lifecycles[store.key])
     pending = plan.own_state["pending"].get(store.key)
     if pending is not None:
         store.table.restore_grad(*pending)
-    if store.key in plan.lifecycles:
-        store.table.lifecycle.load_state(plan.lifecycles[store.key])
 
 
 def _commit(plan: _Plan, model: nn.Module, optimizers: tuple, undo: Undo) -> None:

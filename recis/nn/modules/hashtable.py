@@ -669,9 +669,15 @@ class HashTable(nn.Module):
         return None if pending is None else (self.ids_of_rows(pending[0]), pending[1])
 
     def restore_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
-        """Make ``(distinct ids, rows)`` the pending gradient, as ``grad_by_id`` returned it (a checkpoint's)."""
+        """Make ``(distinct ids, rows)`` the pending gradient, as ``grad_by_id`` returned it (a checkpoint's).
+
+        Its rows are protected from eviction and filters in the current gradient window, as
+        rows whose gradient arrived are (load the lifecycle state, which sets the window, first).
+        """
+        rows = self._store.find(ids.to(self.device))
         self._grad.clear()
-        self._grad.add(self._store.find(ids.to(self.device)), grad.to(self.device), distinct=True)
+        self._grad.add(rows, grad.to(self.device), distinct=True)
+        self._lifecycle.protect(self._store, rows)
 
     def clear_grad(self) -> None:
         """Drop the pending gradient; its rows may be evicted again."""
