@@ -3,9 +3,11 @@
 ``load`` builds the new state aside first (``staged_rows``); then it changes the live
 objects in this order, recording before each change how to undo it (``Undo``):
 
-1. each optimizer's ``load_state_dict`` (undone with a deep copy of its former
-   ``state_dict()``: any object with both works, LR schedulers included). A recis
-   sparse optimizer may register slots on its tables here;
+1. each optimizer's ``load_state_dict`` (undone by ``ObjectBefore``: its former
+   attributes put back as they were, without calling ``load_state_dict`` again, which
+   would refuse a param group that was edited by hand into an invalid state, a NaN
+   learning rate say; any object with ``state_dict``/``load_state_dict`` works, LR
+   schedulers included). A recis sparse optimizer may register slots on its tables here;
 2. the dense parameters and buffers (undone with a copy of their former values);
 3. each table's rows, slots, metadata columns, pending gradient and lifecycle state.
 
@@ -67,6 +69,46 @@ class TableBefore:
         table.lifecycle.load_state(self.lifecycle)  # before the gradient: it protects its rows in this window
         if self.pending is not None:
             table.restore_grad(*self.pending)
+
+
+@dataclass
+class ObjectBefore:
+    """An object's attributes before its ``load_state_dict`` ran, to put back exactly.
+
+    Each attribute is kept by reference, and a list's items or a dict's entries by a
+    shallow copy: ``load_state_dict`` of torch's and recis's optimizers and of LR
+    schedulers replaces attributes, list items and dict entries (new param groups, new
+    state entries) and never changes the former ones in place. Putting back restores
+    each attribute's object, with its former items, so that an object sharing one (a
+    ``ShardedOptimizer`` shares its wrapped optimizer's ``param_groups`` and ``state``)
+    sees them too. It runs no validation, so it cannot fail on the state it restores.
+    """
+
+    owner: Any
+    attributes: dict[str, Any]
+    contents: dict[str, list | dict]
+
+    @classmethod
+    def of(cls, owner: Any) -> ObjectBefore:
+        attributes = dict(vars(owner))
+        contents = {
+            name: list(value) if isinstance(value, list) else dict(value)
+            for name, value in attributes.items()
+            if isinstance(value, list | dict)
+        }
+        return cls(owner, attributes, contents)
+
+    def restore(self) -> None:
+        for name in set(vars(self.owner)) - set(self.attributes):
+            delattr(self.owner, name)
+        for name, value in self.attributes.items():
+            former = self.contents.get(name)
+            if isinstance(former, list):
+                value[:] = former
+            elif former is not None:
+                value.clear()
+                value.update(former)
+            setattr(self.owner, name, value)
 
 
 @dataclass

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recis.checkpoint.lifecycle_states import State, checked, resharded_state
-from recis.checkpoint.live_state import TableBefore, Undo, restore_changed
+from recis.checkpoint.live_state import ObjectBefore, TableBefore, Undo, restore_changed
 from recis.checkpoint.manifest import CheckpointError, rank_file, read_manifest, resolve, verify_files
 from recis.checkpoint.row_file import dtype_name
 from recis.checkpoint.saved_tables import (
@@ -156,10 +156,20 @@ def _load_optimizer(optimizer: Any, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
 
+def _record_former(optimizer: Any, undo: Undo) -> None:
+    """Record how to put back what ``_load_optimizer`` replaces (``ObjectBefore``; an object
+    without attributes of its own gets its former state dict loaded back)."""
+    target = optimizer.optimizer if isinstance(optimizer, ShardedOptimizer) else optimizer
+    if hasattr(target, "__dict__"):
+        undo.record(ObjectBefore.of(target).restore)
+    else:
+        undo.record(partial(_load_optimizer, optimizer, copy.deepcopy(optimizer_state(optimizer))))
+
+
 def _load_optimizers(plan: _Plan, optimizers: tuple, undo: Undo) -> None:
     """Load every optimizer's state, recording first how to put its former state back."""
     for i, (optimizer, state) in enumerate(zip(optimizers, plan.rank0_state["optimizers"])):
-        undo.record(partial(_load_optimizer, optimizer, copy.deepcopy(optimizer_state(optimizer))))
+        _record_former(optimizer, undo)
         try:
             _load_optimizer(optimizer, state)
         except Exception as error:
