@@ -1,6 +1,14 @@
-"""Optimizers: sparse ones for HashTable rows, and AdamWTF for dense parameters."""
+"""Optimizers: sparse ones for HashTable rows; AdamWTF and the name-keyed Named* wrappers for dense parameters."""
 
 from recis.optim.adamw_tf import AdamWTF
+from recis.optim.named_optimizer import (
+    NamedAdagrad,
+    NamedAdam,
+    NamedAdamW,
+    NamedAdamWTF,
+    NamedSGD,
+    wrapped_named_optimizer,
+)
 from recis.optim.sparse_adagrad import SparseAdagrad
 from recis.optim.sparse_adagrad_sum import SparseAdagradSum
 from recis.optim.sparse_adam import SparseAdam
@@ -12,6 +20,11 @@ from recis.optim.sparse_row_wise_adagrad_sum import SparseRowWiseAdagradSum
 
 __all__ = [
     "AdamWTF",
+    "NamedAdagrad",
+    "NamedAdam",
+    "NamedAdamW",
+    "NamedAdamWTF",
+    "NamedSGD",
     "SparseAdagrad",
     "SparseAdagradSum",
     "SparseAdam",
@@ -20,4 +33,5 @@ __all__ = [
     "SparseOptimizer",
     "SparseRowWiseAdagrad",
     "SparseRowWiseAdagradSum",
+    "wrapped_named_optimizer",
 ]
