@@ -6,7 +6,7 @@ checkpoint root) through random calls: training steps with good ids, lookups wit
 ids and values, ``step``, ``zero_grad``, ``set_grad_accum_steps``, state-dict round
 trips, loads of damaged table and optimizer state dicts, learning rates edited to good
 and bad values, casts and a move to ``meta``, checkpoint saves and loads, of damaged
-checkpoints too. After every call:
+checkpoints too, and loads of state dicts remembered some calls earlier. After every call:
 
 - a call that raised left everything bitwise as it was (``snapshot``: every table's ids
   in row order, rows, slots, metadata, lifecycle state, pending gradient and counters,
@@ -17,7 +17,7 @@ checkpoints too. After every call:
 
 Bounded: derandomized (the same sequences every run), 30 sequences of up to 30 calls,
 each with its sparse optimizer (SparseAdamW, SparseAdamWTF or SparseAdam) and eviction
-policy drawn; the file took 27 s on the 2-core machine under a load average of 7.
+policy drawn; the file took 21-27 s on the 2-core machine under a load average of 6-7.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from recis.optim import SparseAdam, SparseAdamW, SparseAdamWTF
 
 Act = Callable[[SmallTrainingRun], object]
 
+STATE_OWNERS = ("model", "sparse", "dense")
 ID_POOL = [*range(16), -1, -(2**63), 2**63 - 1]
 ids_lists = st.lists(st.sampled_from(ID_POOL), max_size=7)
 table_names = st.sampled_from(["free", "bounded"])
@@ -410,12 +411,25 @@ class RandomCallSequences(RuleBasedStateMachine):
         before = snapshot(self.run)
 
         def act(run: SmallTrainingRun) -> None:
-            for name in ("model", "sparse", "dense") if which == "all" else (which,):
+            for name in STATE_OWNERS if which == "all" else (which,):
                 owner = getattr(run, name)
                 owner.load_state_dict(copy.deepcopy(owner.state_dict()))
 
         self.call(f"{which} state dict round trip", act)
         assert first_difference(before, snapshot(self.run)) is None, "a state dict round trip changed the run"
+
+    @rule(remember=st.booleans(), which=st.sampled_from(["model", "sparse", "dense"]))
+    def earlier_state(self, remember: bool, which: str) -> None:
+        """Remember the three state dicts of the run and of the control, or load a remembered one
+        (taken any number of calls ago: it may not fit any more, after a cast say)."""
+        if remember:
+            for run in (self.run, self.control):
+                run.remembered = {name: copy.deepcopy(getattr(run, name).state_dict()) for name in STATE_OWNERS}
+        elif self.run.remembered is not None:
+            self.call(
+                f"{which}.load_state_dict(remembered)",
+                lambda run: getattr(run, which).load_state_dict(copy.deepcopy(run.remembered[which])),
+            )
 
     def load_damaged_sparse_state(self, kind: str) -> None:
         state = copy.deepcopy(self.run.sparse.state_dict())

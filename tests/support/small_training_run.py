@@ -63,6 +63,7 @@ class SmallTrainingRun:
         self.dense = AdamWTF(
             [{"params": [self.model.lin.weight]}, {"params": [self.model.lin.bias], "lr": 0.02}], lr=0.01
         )
+        self.remembered: dict[str, dict] | None = None  # state dicts kept by the test, to load later
 
     def tables(self) -> dict[str, HashTable]:
         return {"free": self.model.free, "bounded": self.model.bounded}
