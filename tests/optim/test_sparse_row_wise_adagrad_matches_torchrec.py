@@ -5,7 +5,8 @@ accumulator per row, grown by the mean of the row's squared gradient. It updates
 row of its dense parameter; rows outside a batch get a zero gradient, which changes
 nothing unless there is weight decay. So the comparison is on the touched rows without
 weight decay, and with every row touched every step with it. The formula check is in
-float64, independent of both: ``S += mean_j g_j^2``, ``theta -= lr_t * g / (sqrt(init + S) + eps)``.
+float64, independent of both, and runs without torchrec (a benchmark-only dependency):
+``S += mean_j g_j^2``, ``theta -= lr_t * g / (sqrt(init + S) + eps)``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from torch import nn
 
 from recis.nn.modules.hashtable import HashTable
 from recis.optim import SparseRowWiseAdagrad, SparseRowWiseAdagradSum
-
-rowwise_adagrad = pytest.importorskip("torchrec.optim.rowwise_adagrad")
 
 VOCAB, DIM, STEPS = 30, 6, 5
 
@@ -43,6 +42,7 @@ def _batches(every_row: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ids=["lr", "decay_init_eps", "weight_decay_maximize_every_row"],
 )
 def test_row_wise_adagrad_equals_torchrec_row_wise_adagrad_on_the_touched_rows(hyper, every_row):
+    rowwise_adagrad = pytest.importorskip("torchrec.optim.rowwise_adagrad")  # benchmark-only dependency
     table = HashTable(DIM, name="emb", seed=9)
     weight = nn.Parameter(table.initial_values(torch.arange(VOCAB)).clone())
     ours = SparseRowWiseAdagrad(param_dict={"emb": table}, **hyper)
