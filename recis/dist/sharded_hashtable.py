@@ -27,6 +27,7 @@ from recis.dist.exchange import PeerError, all_gather_blocks, group_size_and_ran
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_lookup import sharded_lookup
 from recis.nn.functional import GradReceiver
+from recis.nn.gradient_buffer import GradientBuffer
 from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.initializers import Initializer
 from recis.nn.modules.hashtable import HashTable
@@ -38,6 +39,10 @@ def _describe_initializer(initializer: Initializer | None) -> str:
         return "default"
     text = repr(initializer)
     return type(initializer).__qualname__ if " at 0x" in text else text
+
+
+def _add_present(buffer: GradientBuffer, unique_ids: torch.Tensor, present: torch.Tensor, grad: torch.Tensor) -> None:
+    buffer.add(unique_ids[present], grad[present], distinct=True)
 
 
 class ShardedHashTable(HashTable):
@@ -95,19 +100,27 @@ class ShardedHashTable(HashTable):
     def forward(self, ids: torch.Tensor, admit_hook: AdmitHook | None = None) -> torch.Tensor:
         return sharded_lookup([self], [ids], [admit_hook])[0]
 
-    def serve(self, asked: torch.Tensor, admit_hook: AdmitHook | None = None) -> torch.Tensor:
+    def serve(
+        self, asked: torch.Tensor, admit_hook: AdmitHook | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The owner's part of a lookup: rows of the ids asked of it, repeats allowed (several ranks
-        may ask for one id); absent ids are inserted in training mode (as the lifecycle admits
-        them), else read their initial value (zeros under an admit hook)."""
-        if not self.lifecycle.columns and admit_hook is None and self.lifecycle.admit_hook is None:
-            return self.read_or_initial(asked, insert=self.training)  # unbounded: no deduplication needed
+        may ask for one id); absent ids are inserted in training mode (as the lifecycle admits them),
+        else read their initial value (zeros under an admit hook). When the lookup ``may_miss``, also
+        which ids have a row (the others get no gradient), else None."""
+        may_miss = self.may_miss(admit_hook)
+        if not may_miss and not self.lifecycle.columns:
+            return self.read_or_initial(asked, insert=True), None  # unbounded: no deduplication needed
         unique_ids, inverse = torch.unique(asked, return_inverse=True)
-        _, values = self.unique_rows(unique_ids, admit_hook)
-        return values.index_select(0, inverse)
+        rows, values = self.unique_rows(unique_ids, admit_hook)
+        present = (rows >= 0).index_select(0, inverse) if may_miss else None
+        return values.index_select(0, inverse), present
 
-    def gradient_receiver(self, unique_ids: torch.Tensor) -> GradReceiver:
-        """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id."""
-        return partial(self.grad_buffer.add, unique_ids, distinct=True)
+    def gradient_receiver(self, unique_ids: torch.Tensor, present: torch.Tensor | None = None) -> GradReceiver:
+        """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id;
+        ids without a row at the lookup (``present`` False) get none, as in a one-process table."""
+        if present is None:
+            return partial(self.grad_buffer.add, unique_ids, distinct=True)
+        return partial(_add_present, self.grad_buffer, unique_ids, present)
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,9 @@ def input_dist(
         hooks = [None] * len(tables)
         flat = [torch.empty(0, dtype=torch.int64, device=table.device) for table in tables]
     uniques = [torch.unique(table_ids, return_inverse=True) for table_ids in flat]
-    routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=[hook_code(h) for h in hooks])
-    _require_same_hooks(tables, routing)
+    modes = [_mode(table, hook) for table, hook in zip(tables, hooks)]
+    routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=modes)
+    _require_same_modes(tables, routing)
     requests = []
     for t, (table, (_, inverse)) in enumerate(zip(tables, uniques)):
         order = routing.orders[t]
@@ -83,11 +84,22 @@ def input_dist(
     return routing, requests, routing.forward(sorted_ids)
 
 
-def _require_same_hooks(tables: Sequence[ShardedHashTable], routing: Routing) -> None:
+def _mode(table: ShardedHashTable, hook: AdmitHook | None) -> int:
+    """The admit hook and training mode of a table's lookup, as a number every rank sends along:
+    they decide what owners do and whether rows come back with presence flags."""
+    return 2 * hook_code(hook) + int(table.training)
+
+
+def _require_same_modes(tables: Sequence[ShardedHashTable], routing: Routing) -> None:
     for t, table in enumerate(tables):
-        codes = {flags[t] for flags in routing.received_flags}
-        if len(codes) > 1:
+        modes = {flags[t] for flags in routing.received_flags}
+        if len({mode // 2 for mode in modes}) > 1:
             raise ValueError(f"sharded_lookup: the ranks passed different admit hooks for {table.describe()}")
+        if len(modes) > 1:
+            raise ValueError(
+                f"sharded_lookup: {table.describe()} is in training mode on some ranks and in eval mode on others; "
+                "call train() or eval() on every rank alike"
+            )
 
 
 def lookup(
@@ -104,15 +116,21 @@ def lookup(
     """
     hooks = list(admit_hooks) if admit_hooks is not None else [None] * len(tables)
     if not any(table.capacity is not None for table in tables):
-        return [table.serve(table_asked, hook) for table, table_asked, hook in zip(tables, asked, hooks)]
+        return [_answer(table, table_asked, hook) for table, table_asked, hook in zip(tables, asked, hooks)]
     answers, refusal = [], None
     for table, table_asked, hook in zip(tables, asked, hooks):
         try:
-            answers.append(table.serve(table_asked, hook) if refusal is None else None)
+            answers.append(_answer(table, table_asked, hook) if refusal is None else None)
         except ValueError as error:
             refusal = error
     _raise_on_every_rank_if_refused(refusal, tables[0])
     return answers
+
+
+def _answer(table: ShardedHashTable, asked: torch.Tensor, hook: AdmitHook | None) -> torch.Tensor:
+    """The rows an owner sends back; for a lookup that may miss, with a last column: 1 where the id has a row."""
+    values, present = table.serve(asked, hook)
+    return values if present is None else torch.cat([values, present.to(values.dtype).unsqueeze(1)], dim=1)
 
 
 def _raise_on_every_rank_if_refused(refusal: ValueError | None, table: ShardedHashTable) -> None:
@@ -131,7 +149,11 @@ def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequenc
     outputs = []
     for request, table_rows in zip(requests, rows):
         table = request.table
-        expanded = table.differentiable(table_rows, request.inverse, table.gradient_receiver(request.ids))
+        present = None
+        if table_rows.shape[1] > table.embedding_dim:  # the lookup may miss: presence flags came back
+            table_rows, present = table_rows[:, :-1], table_rows[:, -1] > 0.5
+        receiver = table.gradient_receiver(request.ids, present)
+        expanded = table.differentiable(table_rows, request.inverse, receiver)
         outputs.append(expanded.reshape(*request.shape, *table.embedding_shape))
     return outputs
 

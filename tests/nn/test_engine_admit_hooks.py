@@ -1,8 +1,8 @@
 """EmbeddingEngine: features of one table with different admit hooks, as RecIS allows.
 
 A ReadOnly feature reads and trains the rows its table holds and brings in no id of
-its own; a feature of the same table without a hook inserts as usual. Sharded across
-ranks such a table is refused (tests/distributed/test_engine_admit_hooks_dist.py).
+its own; a feature of the same table without a hook inserts as usual (on ranks too:
+tests/distributed/test_engine_admit_hooks_dist.py).
 """
 
 from __future__ import annotations

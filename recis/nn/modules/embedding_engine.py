@@ -8,8 +8,8 @@ embeddings, as RecIS's does:
   is one row. They must agree on the table's options (dim, dtype, initializer, filter
   hook, ...); their combiners may differ, and so may their admit hooks, as in RecIS: a
   feature with ``AdmitHook("ReadOnly")`` reads the rows another feature of its table
-  inserts, and brings in no id of its own. (Sharded across ranks, the features of a
-  table must share one admit hook; a ``ValueError`` says so at construction.)
+  inserts, and brings in no id of its own (sharded across ranks too: owners tell which ids
+  have rows, and the others receive no gradient).
 - Tables with ``coalesced=True`` and equal options are merged into one physical table
   whose children are their shared names; each keeps its ids apart (RecIS's 12-bit child
   encoding, ``recis.nn.table_children``). Fewer tables, fewer kernel calls.
@@ -128,20 +128,6 @@ class EmbeddingEngine(nn.Module):
             options = self._options.items()
             config = {f"{name}.{k}": repr(v) for name, option in options for k, v in option.runtime_config().items()}
             require_same_config("EmbeddingEngine", config, self._pg)
-            self._refuse_mixed_admission()  # after the agreement: every rank raises, or none
-
-    def _refuse_mixed_admission(self) -> None:
-        """A sharded table applies a gradient to ids without a row unless the table itself
-        admits selectively, so its features must share one admit hook."""
-        for key, table in self._tables.items():
-            hooks = _distinct(hook for lookup_key, hook in self._lookups if lookup_key == key)
-            if len(hooks) > 1:
-                features = sorted(name for name, table_key in self._fea_to_ht.items() if table_key == key)
-                raise ValueError(
-                    f"EmbeddingEngine: the features {features} of table {table.name!r} have different admit hooks "
-                    f"({', '.join(map(str, hooks))}); sharded across ranks, the features of a table must share one "
-                    "(in one process they may differ)"
-                )
 
     def tables(self) -> dict[str, HashTable]:
         """The physical tables by their names (a coalesced one holds several shared names)."""

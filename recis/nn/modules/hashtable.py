@@ -279,12 +279,18 @@ class HashTable(nn.Module):
         flat, admit_hook = self._checked_lookup(ids, admit_hook)
         unique_ids, inverse = torch.unique(flat, return_inverse=True)
         rows, unique_values, protected = self._unique_rows(unique_ids, admit_hook)
-        may_miss = not self.training or admit_hook is not None or self._lifecycle.admit_hook is not None
+        may_miss = self.may_miss(admit_hook)
         store = self._store
         receive = partial(
             self._accept_unique_grad, rows, protected, unique_ids, store.generation, store.replacements, may_miss
         )
         return self.differentiable(unique_values, inverse, receive).reshape(*ids.shape, *self._embedding_shape)
+
+    def may_miss(self, admit_hook: AdmitHook | None) -> bool:
+        """Whether a lookup (with this per-call admit hook) may leave ids without a row: in eval
+        mode, or when an admit hook decides. Such ids read zeros or their initial value and
+        receive no gradient."""
+        return not self.training or admit_hook is not None or self._lifecycle.admit_hook is not None
 
     def _checked_lookup(self, ids: torch.Tensor, admit_hook: AdmitHook | None) -> tuple[torch.Tensor, AdmitHook | None]:
         """Flat ids and the admit hook, or a clear error; a shared lookup's error reaches every rank."""
