@@ -187,6 +187,17 @@ def _tiled(counts: list[list[int]], blocks: int) -> list[list[int]]:
     return [row * (blocks // tables) for row in counts]
 
 
+def _owner_order(ids: torch.Tensor, world_size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The order that sorts ``ids`` by owner rank (None: already sorted), and how many each rank owns."""
+    if world_size == 1:
+        return None, torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    owners = owner_rank(ids, world_size)
+    counts = torch.bincount(owners, minlength=world_size)
+    if bool((owners[1:] >= owners[:-1]).all()):  # already in owner order (a gradient of a lookup's ids)
+        return None, counts
+    return torch.argsort(owners, stable=True), counts
+
+
 def route(
     ids: Sequence[torch.Tensor],
     group: dist.ProcessGroup | None,
@@ -196,9 +207,10 @@ def route(
     """Group each table's ids by owner and swap the counts, in one collective for all tables.
 
     Returns the routing and each table's ids in owner order (what ``Routing.forward``
-    sends). ``flags`` (one int >= 0 per table) reach every rank with the counts. With
-    ``error`` (this rank's input was bad; ``ids`` should then be empty) the other ranks
-    are told and ``error`` is raised.
+    sends); a tensor given for several tables (the same object: equal ids) is grouped once.
+    ``flags`` (one int >= 0 per table) reach every rank with the counts. With ``error``
+    (this rank's input was bad; ``ids`` should then be empty) the other ranks are told and
+    ``error`` is raised.
     """
     world_size, _ = group_size_and_rank(group)
     tables = len(ids)
@@ -207,21 +219,17 @@ def route(
     counts = torch.zeros((world_size, 2 * tables), dtype=torch.int64, device=device)
     orders: list[torch.Tensor | None] = []
     sorted_ids = []
+    done: dict[int, int] = {}  # a tensor given for several tables (the same object) is routed once
     for t, table_ids in enumerate(ids):
-        if world_size == 1:
-            orders.append(None)
-            sorted_ids.append(table_ids)
-            counts[0, t] = table_ids.numel()
+        first = done.setdefault(id(table_ids), t)
+        if first != t:
+            orders.append(orders[first])
+            sorted_ids.append(sorted_ids[first])
+            counts[:, t] = counts[:, first]
             continue
-        owners = owner_rank(table_ids, world_size)
-        counts[:, t] = torch.bincount(owners, minlength=world_size)
-        if bool((owners[1:] >= owners[:-1]).all()):  # already in owner order (a gradient of a lookup's ids)
-            orders.append(None)
-            sorted_ids.append(table_ids)
-            continue
-        order = torch.argsort(owners, stable=True)
+        order, counts[:, t] = _owner_order(table_ids, world_size)
         orders.append(order)
-        sorted_ids.append(table_ids.index_select(0, order))
+        sorted_ids.append(table_ids if order is None else table_ids.index_select(0, order))
     counts[:, tables:] = torch.tensor(flags, dtype=torch.int64, device=device)
     received = swap_sizes(counts, group, error).tolist()
     send = counts.tolist()

@@ -69,19 +69,40 @@ def input_dist(
     if error is not None:  # take part with no ids, so that every rank learns of it and raises
         hooks = [None] * len(tables)
         flat = [torch.empty(0, dtype=torch.int64, device=table.device) for table in tables]
-    uniques = [torch.unique(table_ids, return_inverse=True) for table_ids in flat]
+    uniques = _unique_once_per_tensor(ids, flat)
     modes = [_mode(table, hook) for table, hook in zip(tables, hooks)]
     routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=modes)
     _require_same_modes(tables, routing)
-    requests = []
+    requests, reordered = [], {}
     for t, (table, (_, inverse)) in enumerate(zip(tables, uniques)):
         order = routing.orders[t]
-        if order is not None:  # batch entries read the sorted position of their id
-            position = torch.empty_like(order)
-            position[order] = torch.arange(order.numel(), device=order.device)
-            inverse = position.index_select(0, inverse)
+        if order is not None:  # batch entries read the sorted position of their id (once per distinct input)
+            if id(inverse) not in reordered:
+                reordered[id(inverse)] = _reordered(inverse, order)
+            inverse = reordered[id(inverse)]
         requests.append(_Request(table, ids[t].shape, sorted_ids[t], inverse))
     return routing, requests, routing.forward(sorted_ids)
+
+
+def _reordered(inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``inverse`` (batch position -> distinct id) pointing at the ids' places after ``order`` sorted them."""
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return position.index_select(0, inverse)
+
+
+def _unique_once_per_tensor(
+    given: Sequence[torch.Tensor], flat: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``torch.unique(flat[t], return_inverse=True)`` of each table, made once for tables given the
+    same tensor object (equal ids: several tables looked up with one input), and shared."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    uniques = []
+    for table_given, table_flat in zip(given, flat):
+        if id(table_given) not in done:
+            done[id(table_given)] = torch.unique(table_flat, return_inverse=True)
+        uniques.append(done[id(table_given)])
+    return uniques
 
 
 def _mode(table: ShardedHashTable, hook: AdmitHook | None) -> int:

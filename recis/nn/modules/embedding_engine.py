@@ -142,15 +142,7 @@ class EmbeddingEngine(nn.Module):
         input_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor | NoReduceEmbedding]:
         bags, error = self._bags(samples, input_weights or {})
-        ids: list[list[torch.Tensor]] = [[] for _ in self._lookups]
-        for feature, feature_bags in bags.items():
-            table = self.table_of(feature)
-            encoded = table.encode_ids(feature_bags.ids, self._options[feature].shared_name)
-            ids[self._fea_to_lookup[feature]].append(encoded)
-        flat = [_joined(parts) if parts else self._no_ids(key) for parts, (key, _) in zip(ids, self._lookups)]
-        counts: list[list[int]] = [[] for _ in self._lookups]
-        for feature, feature_bags in bags.items():
-            counts[self._fea_to_lookup[feature]].append(feature_bags.ids.numel())
+        flat, counts = self._lookup_ids(bags)
         # One split per lookup: its backward is one concatenation, where slicing out each
         # feature's rows would build a lookup-sized zero gradient per feature.
         parts = [iter(_split(rows, n)) for rows, n in zip(self._lookup(flat, error), counts)]
@@ -159,14 +151,47 @@ class EmbeddingEngine(nn.Module):
             for feature, feature_bags in bags.items()
         }
 
+    def _lookup_ids(self, bags: dict[str, Bags]) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Each lookup's ids (its features' stored ids, concatenated) and each feature's count of them.
+
+        Equal inputs give one tensor object: features of one input tensor share their stored
+        ids (unless coalesced tables store them apart), and lookups of equal ids share one
+        tensor, whose deduplication and routing a sharded lookup then does once.
+        """
+        stored: dict[tuple, torch.Tensor] = {}
+        ids: list[list[torch.Tensor]] = [[] for _ in self._lookups]
+        counts: list[list[int]] = [[] for _ in self._lookups]
+        for feature, feature_bags in bags.items():
+            table, child = self.table_of(feature), self._options[feature].shared_name
+            key = (id(feature_bags.ids), table.device, table.children_info.index(child) if table.coalesce else -1)
+            if key not in stored:
+                stored[key] = table.encode_ids(feature_bags.ids, child)
+            ids[self._fea_to_lookup[feature]].append(stored[key])
+            counts[self._fea_to_lookup[feature]].append(feature_bags.ids.numel())
+        joined: dict[tuple, torch.Tensor] = {}
+        flat = []
+        for parts, (key, _) in zip(ids, self._lookups):
+            same = tuple(map(id, parts)) if parts else (key,)
+            if same not in joined:
+                joined[same] = _joined(parts) if parts else self._no_ids(key)
+            flat.append(joined[same])
+        return flat, counts
+
     def _bags(self, samples: Mapping, weights: Mapping) -> tuple[dict[str, Bags], Exception | None]:
-        """Every feature's bags, or (no bags, the error) so that a sharded lookup can tell every rank."""
+        """Every feature's bags (features given the same tensors share them), or (no bags, the error)
+        so that a sharded lookup can tell every rank."""
         try:
             unknown = sorted(set(samples) - set(self._options))
             if unknown:
                 raise ValueError(f"EmbeddingEngine: unknown features {unknown}; known: {sorted(self._options)}")
-            present = [name for name in self._options if name in samples]
-            return {name: as_bags(name, samples[name], weights.get(name)) for name in present}, None
+            made: dict[tuple[int, int], Bags] = {}
+            bags = {}
+            for name in (name for name in self._options if name in samples):
+                key = (id(samples[name]), id(weights.get(name)))
+                if key not in made:
+                    made[key] = as_bags(name, samples[name], weights.get(name))
+                bags[name] = made[key]
+            return bags, None
         except (TypeError, ValueError) as bad_input:
             if not self._distributed:
                 raise
