@@ -23,8 +23,8 @@ from pathlib import Path
 
 TRAIN = Path(__file__).resolve().with_name("train.py")
 CONFIGS = {
-    "recis HashTable + SparseAdamW, 1 rank": ([], 1),
-    "recis ShardedHashTable + ShardedOptimizer(SparseAdamW), 2 ranks": ([], 2),
+    "recis EmbeddingEngine (HashTables) + SparseAdamW, 1 rank": ([], 1),
+    "recis EmbeddingEngine (ShardedHashTables) + ShardedOptimizer(SparseAdamW), 2 ranks": ([], 2),
     "baseline nn.EmbeddingBag + torch.optim.SparseAdam, 1 rank": (["--baseline"], 1),
     "baseline nn.EmbeddingBag + torch.optim.SparseAdam (DDP), 2 ranks": (["--baseline"], 2),
 }

@@ -5,18 +5,24 @@
     torchrun --standalone --nproc_per_node 2 examples/deepfm/train.py --resume # continue from the latest checkpoint
     python examples/deepfm/train.py --data train.txt                           # a Criteo TSV file, streamed
     python examples/deepfm/train.py --baseline                                 # nn.EmbeddingBag + SparseAdam
-    python examples/deepfm/train.py --capacity 200000 --eviction lfu           # a bounded table (rows per rank)
+    python examples/deepfm/train.py --capacity 200000 --eviction lfu           # bounded tables (ids per rank)
+    python examples/deepfm/train.py --tables coalesced                         # one table for all features
 
 Without --data, clicks come from a planted model (data.SyntheticCriteo) with Zipf-like
 ids that keep being renewed; each evaluation draws fresh held-out samples at the stream's
 current position. With --data, each rank streams its own byte range of the file; the
 held-out set is --test-data, or else the file's last --test-fraction.
 
-Sparse part: one HashTable (ShardedHashTable across ranks) for the 26 categorical
-features, trained by SparseAdam/SparseAdamW/SparseAdamWTF (wrapped in ShardedOptimizer
-across ranks). It grows with every new id, or, with --capacity, holds at most that many
-rows per rank and evicts the least recently (--eviction lru) or least often (lfu) used
-rows for new ids; the capacity must hold the distinct ids of one update's micro-batches.
+Sparse part: the 26 categorical features through a recis EmbeddingEngine (ShardedHashTables
+across ranks, one grouped lookup of all tables per forward), in the --tables layout of
+model.py: per-feature (each feature's own first-order table, dim 1, and FM-factor table,
+dim --dim, coalesced by the engine into one physical table per dim), per-feature-separate
+(the same 52 tables, each stored apart) or coalesced (one table of rows [w, v] for all 26
+features). Trained by SparseAdam/SparseAdamW/SparseAdamWTF (wrapped in ShardedOptimizer
+across ranks). The tables grow with every new id, or, with --capacity, hold at most that
+many ids per rank over all features (per-feature-separate: an even share, capacity // 26,
+per feature) and evict the least recently (--eviction lru) or least often (lfu) used rows
+for new ids; the capacity (the share) must hold the distinct ids of one update's micro-batches.
 Dense part: torch AdamW or recis AdamWTF, under DistributedDataParallel across ranks.
 Both follow a linear warm-up then a cosine decay of the learning rate.
 
@@ -49,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, model.py, m
 
 import data as criteo  # noqa: E402
 import metrics  # noqa: E402
-from model import DeepFM, DenseArch, HashEmbedding, ModuloEmbeddingBag  # noqa: E402
+from model import TABLE_LAYOUTS, DeepFM, DenseArch, EngineEmbedding, ModuloEmbeddingBag, table_capacity  # noqa: E402
 
 import recis.checkpoint  # noqa: E402
 from recis.dist import ShardedOptimizer  # noqa: E402
@@ -61,6 +67,7 @@ DENSE_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamw_tf": AdamWTF}
 # per update at the peak learning rate: AdamW-style decay is lr * wd, TF-style decay is wd.
 SPARSE_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-4, "adamw_tf": 1e-4 * 0.02}
 DENSE_WEIGHT_DECAY = {"adamw": 1e-2, "adamw_tf": 1e-2 * 0.002}
+DEFAULT_LAYOUT = "per-feature"  # chosen by measuring each layout's step time and held-out AUC: see model.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out-dir", default="runs/deepfm", help="metrics.csv, plot.png and checkpoints/ go here")
     add("--baseline", action="store_true", help="nn.EmbeddingBag(sparse=True) + torch.optim.SparseAdam instead")
     add("--baseline-rows", type=int, default=1 << 21, help="rows of the baseline's fixed-size table")
-    add("--capacity", type=int, help="rows of the hash table per rank; a full table evicts (default: unbounded)")
+    add(
+        "--tables",
+        choices=TABLE_LAYOUTS,
+        help="per-feature: each feature's own first-order (dim 1) and FM-factor (dim --dim) tables, coalesced into "
+        "one physical table per dim; per-feature-separate: those 52 tables stored apart; coalesced: one table of "
+        f"dim 1 + --dim for all features (default: {DEFAULT_LAYOUT})",
+    )
+    add("--capacity", type=int, help="ids per rank over all features; a full table evicts (default: unbounded)")
     add("--eviction", choices=["lru", "lfu"], help="which rows a full table gives up (default: lru)")
     add("--seed", type=int, default=0)
     add("--max-vocabulary", type=int, default=100_000, help="synthetic data: cap on values per feature")
@@ -101,13 +115,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.baseline and args.sparse_opt is not None:
         parser.error("--baseline trains its table with torch.optim.SparseAdam: leave out --sparse-opt")
+    if args.baseline and args.tables is not None:
+        parser.error("--tables lays out recis tables: the --baseline has one nn.EmbeddingBag")
     if args.baseline and args.capacity is not None:
         parser.error("--capacity bounds a recis hash table: the --baseline table has --baseline-rows")
     if args.capacity is None and args.eviction is not None:
         parser.error("--eviction chooses what a full table gives up: it needs --capacity")
     if args.capacity is not None and args.capacity <= 0:
         parser.error(f"--capacity must be positive, got {args.capacity}")
+    if args.capacity is not None and args.tables == "per-feature-separate" and args.capacity < criteo.NUM_CATEGORICAL:
+        parser.error(
+            f"--capacity {args.capacity} is shared by the {criteo.NUM_CATEGORICAL} features' own tables under "
+            f"--tables per-feature-separate: it must be at least {criteo.NUM_CATEGORICAL}"
+        )
     args.sparse_opt = args.sparse_opt or "adamw"
+    args.tables = None if args.baseline else args.tables or DEFAULT_LAYOUT
     args.eviction = args.eviction or ("lru" if args.capacity is not None else None)
     if args.steps is None and args.data is None:
         args.steps = 3000
@@ -242,8 +264,8 @@ def build(args: argparse.Namespace, world: World) -> Trainer:
     if args.baseline:
         sparse = ModuloEmbeddingBag(args.dim, args.baseline_rows, device=world.device)
     else:
-        sparse = HashEmbedding(
-            args.dim, sharded=world.distributed, device=world.device, capacity=args.capacity, eviction=args.eviction
+        sparse = EngineEmbedding(
+            args.dim, args.tables, device=world.device, capacity=args.capacity, eviction=args.eviction
         )
     model = DeepFM(sparse, DenseArch(args.dim, hidden).to(world.device))
     device_ids = [world.device.index] if world.device.type == "cuda" else None
@@ -263,8 +285,8 @@ def build(args: argparse.Namespace, world: World) -> Trainer:
         sparse_wd = (
             args.sparse_weight_decay if args.sparse_weight_decay is not None else SPARSE_WEIGHT_DECAY[args.sparse_opt]
         )
-        table = model.sparse.table
-        sparse_opt = SPARSE_OPTIMIZERS[args.sparse_opt]([table], lr=args.sparse_lr, weight_decay=sparse_wd)
+        tables = model.sparse.tables()
+        sparse_opt = SPARSE_OPTIMIZERS[args.sparse_opt](tables, lr=args.sparse_lr, weight_decay=sparse_wd)
         sparse_opt.set_grad_accum_steps(args.grad_accum)  # it divides its accumulated gradient by grad_accum
         if world.distributed:
             sparse_opt = ShardedOptimizer(sparse_opt)  # gradients go to the rows' owners, averaged over ranks
@@ -272,7 +294,7 @@ def build(args: argparse.Namespace, world: World) -> Trainer:
         ddp = [dense] if world.distributed else []
 
         def forward(batch: criteo.Batch) -> torch.Tensor:
-            return dense(batch.numeric, model.sparse(batch.categorical))
+            return dense(batch.numeric, *model.sparse(batch.categorical))
 
     base_lrs = [args.sparse_lr, args.dense_lr]
     return Trainer(model, forward, ddp, sparse_opt, dense_opt, base_lrs)
@@ -352,12 +374,18 @@ def save(directory: Path, trainer: Trainer, extra: dict, args: argparse.Namespac
     recis.checkpoint.save(directory, trainer.model, *optimizers, extra=extra, keep=args.keep_checkpoints)
 
 
-def load(directory: Path, trainer: Trainer) -> dict | None:
+def load(directory: Path, trainer: Trainer, args: argparse.Namespace) -> dict | None:
     """Load the latest complete checkpoint and return the ``extra`` saved with it; None if there is none."""
     try:
         return recis.checkpoint.load(directory, trainer.model, trainer.sparse_opt, trainer.dense_opt)
     except FileNotFoundError:
         return None
+    except recis.checkpoint.CheckpointError as error:
+        layout = "--baseline" if args.baseline else f"--tables {args.tables}"
+        raise SystemExit(
+            f"cannot resume from {directory}: {error} (a checkpoint resumes only with the table layout that wrote "
+            f"it; this run has {layout})"
+        ) from error
 
 
 # --------------------------------------------------------------------------- the run
@@ -385,15 +413,29 @@ def cores_per_rank(cpu_seconds: float, seconds: float, world: World) -> float:
     return float(share) / world.size
 
 
+def describe_tables(args: argparse.Namespace, world: World, rows: int) -> str:
+    """The sparse part's tables: their layout, the ids they hold and their bound."""
+    table = "ShardedHashTable" if world.distributed else "HashTable"
+    bound = ""
+    if args.capacity is not None:
+        share = table_capacity(args.capacity, args.tables)
+        per_feature = f": {share:,} per feature" if share != args.capacity else ""
+        bound = f" (capacity {args.capacity:,} per rank{per_feature}, {args.eviction})"
+    if args.tables == "coalesced":
+        return f"one coalesced {table} of {rows:,} rows of dim {1 + args.dim} for 26 features{bound}"
+    dims = f"first-order dim 1, FM factors dim {args.dim}"
+    if args.tables == "per-feature":
+        return f"52 per-feature tables ({dims}) coalesced into 2 {table}s of {rows:,} ids{bound}"
+    return f"52 per-feature {table}s ({dims}) of {rows:,} ids{bound}"
+
+
 def describe(args: argparse.Namespace, trainer: Trainer, world: World, rows: int) -> str:
     across = f" over {world.size} ranks ({dist.get_backend()})" if world.distributed else ""
     if args.baseline:
         sparse = f"nn.EmbeddingBag of {rows:,} rows (ids hashed modulo its size) + torch.optim.SparseAdam"
     else:
-        table = "ShardedHashTable" if world.distributed else "HashTable"
         optimizer = type(trainer.sparse_opt.optimizer if world.distributed else trainer.sparse_opt).__name__
-        bound = f" (capacity {args.capacity:,} per rank, {args.eviction})" if args.capacity is not None else ""
-        sparse = f"one {table} of {rows:,} rows{bound} + {optimizer}" + (
+        sparse = f"EmbeddingEngine, {describe_tables(args, world, rows)} + {optimizer}" + (
             " (ShardedOptimizer)" if world.distributed else ""
         )
     dense = type(trainer.dense_opt).__name__ + (" (DDP)" if world.distributed else "")
@@ -437,7 +479,7 @@ def train(args: argparse.Namespace, world: World) -> None:
 
     step, position, seconds_before = 0, None, 0.0
     if args.resume:
-        extra = load(checkpoints, trainer)
+        extra = load(checkpoints, trainer, args)
         if extra is None:
             if world.rank == 0:
                 print(f"no checkpoint in {checkpoints}: starting from scratch", file=sys.stderr)

@@ -69,14 +69,24 @@ def _assert_outputs(out_dir: Path, last_step: int) -> list[dict[str, str]]:
     return rows
 
 
+# What the first line says of each layout's tables, one process (HashTable) or several ranks (ShardedHashTable).
+TABLES = {
+    "per-feature": "52 per-feature tables (first-order dim 1, FM factors dim 16) coalesced into 2 {}s of",
+    "coalesced": "one coalesced {} of",
+    "per-feature-separate": "52 per-feature {}s (first-order dim 1, FM factors dim 16) of",
+}
+
+
 # --------------------------------------------------------------------------- 2 ranks under torchrun
 @pytest.mark.timeout(3 * DEADLINE_S)
-def test_two_ranks_write_csv_plot_checkpoint_and_resume_continues_exactly(tmp_path):
-    run = ["--steps", "40", "--eval-every", "20", "--checkpoint-every", "10"]
+@pytest.mark.parametrize("layout", ["per-feature", "coalesced"])
+def test_two_ranks_write_csv_plot_checkpoint_and_resume_continues_exactly(tmp_path, layout):
+    run = ["--tables", layout, "--steps", "40", "--eval-every", "20", "--checkpoint-every", "10"]
     interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
 
     first = _two_ranks(*run, "--stop-after", "25", "--out-dir", str(interrupted))
-    assert "over 2 ranks (gloo): one ShardedHashTable" in first and "ShardedOptimizer" in first and "(DDP)" in first
+    tables = "over 2 ranks (gloo): EmbeddingEngine, " + TABLES[layout].format("ShardedHashTable")
+    assert tables in first and "ShardedOptimizer" in first and "(DDP)" in first, first
     assert "trained steps 0-25 " in first
     _test_auc(first)
     _assert_outputs(interrupted, 25)
@@ -86,7 +96,8 @@ def test_two_ranks_write_csv_plot_checkpoint_and_resume_continues_exactly(tmp_pa
     one_process = tmp_path / "one_process"
     shutil.copytree(interrupted, one_process)
     resharded = _one_process(*run, "--resume", "--out-dir", str(one_process))
-    assert "DeepFM: one HashTable" in resharded and "trained steps 25-40 " in resharded
+    assert "DeepFM: EmbeddingEngine, " + TABLES[layout].format("HashTable") in resharded, resharded
+    assert "trained steps 25-40 " in resharded
     _test_auc(resharded)
     samples = {int(row["step"]): int(row["samples"]) for row in _assert_outputs(one_process, 40)}
     assert samples == {10: 10 * 512, 20: 20 * 512, 25: 25 * 512, 30: 25 * 512 + 5 * 256, 40: 25 * 512 + 15 * 256}
@@ -133,10 +144,10 @@ def test_two_ranks_baseline_embedding_bag_with_sparse_adam(tmp_path):
 
 
 @pytest.mark.timeout(DEADLINE_S + 30)
-def test_two_ranks_bounded_table_stays_within_capacity_per_rank(tmp_path):
+def test_two_ranks_bounded_tables_stay_within_capacity_per_rank(tmp_path):
     run = ["--capacity", "5000", "--eviction", "lfu", "--steps", "20", "--eval-every", "0", "--checkpoint-every", "0"]
-    stdout = _two_ranks(*run, "--out-dir", str(tmp_path))
-    assert "one ShardedHashTable of 10,000 rows (capacity 5,000 per rank, lfu)" in stdout, stdout
+    stdout = _two_ranks(*run, "--tables", "per-feature", "--out-dir", str(tmp_path))
+    assert "2 ShardedHashTables of 10,000 ids (capacity 5,000 per rank, lfu)" in stdout, stdout
     _test_auc(stdout)
     rows = _assert_outputs(tmp_path, 20)
     _assert_bounded(rows, 2 * 5000)
@@ -154,8 +165,8 @@ def _assert_bounded(rows: list[dict[str, str]], capacity: int) -> None:
 @pytest.mark.timeout(3 * DEADLINE_S)
 def test_one_process_bounded_table_evicts_within_capacity_and_resumes_an_old_csv(tmp_path):
     run = ["--capacity", "8000", "--grad-accum", "2", "--steps", "30", "--eval-every", "0", "--checkpoint-every", "10"]
-    stopped = _one_process(*run, "--stop-after", "10", "--out-dir", str(tmp_path))
-    assert "DeepFM: one HashTable of 8,000 rows (capacity 8,000 per rank, lru)" in stopped, stopped
+    stopped = _one_process(*run, "--tables", "coalesced", "--stop-after", "10", "--out-dir", str(tmp_path))
+    assert "one coalesced HashTable of 8,000 rows of dim 17 for 26 features (capacity 8,000 per rank, lru)" in stopped
     first = _metrics(tmp_path)
     _assert_bounded(first, 8000)
 
@@ -165,7 +176,7 @@ def test_one_process_bounded_table_evicts_within_capacity_and_resumes_an_old_csv
         writer = csv.DictWriter(file, old + ["rows"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(first)
-    resumed = _one_process(*run, "--resume", "--out-dir", str(tmp_path))
+    resumed = _one_process(*run, "--tables", "coalesced", "--resume", "--out-dir", str(tmp_path))
     assert "trained steps 10-30 " in resumed
     rows = _assert_outputs(tmp_path, 30)
     assert [int(row["step"]) for row in rows] == [10, 20, 30]
@@ -173,10 +184,57 @@ def test_one_process_bounded_table_evicts_within_capacity_and_resumes_an_old_csv
     _assert_bounded(rows[1:], 8000)
 
     # The checkpoint carries what eviction reads and counts: the run goes on as one that never stopped.
-    whole = _one_process(*run, "--out-dir", str(tmp_path / "whole"))
+    whole = _one_process(*run, "--tables", "coalesced", "--out-dir", str(tmp_path / "whole"))
     assert _test_auc(resumed) == _test_auc(whole)
     whole_rows = _metrics(tmp_path / "whole")
     assert [(r["rows"], r["evicted"]) for r in rows[1:]] == [(r["rows"], r["evicted"]) for r in whole_rows[1:]]
+
+
+@pytest.mark.timeout(3 * DEADLINE_S)
+def test_one_process_separate_tables_share_the_capacity_and_resume_only_in_their_layout(tmp_path):
+    run = ["--tables", "per-feature-separate", "--capacity", "7800", "--steps", "20", "--eval-every", "0"]
+    run += ["--checkpoint-every", "10"]
+    stopped = _one_process(*run, "--stop-after", "10", "--out-dir", str(tmp_path))
+    assert "52 per-feature HashTables (first-order dim 1, FM factors dim 16) of " in stopped, stopped
+    assert "(capacity 7,800 per rank: 300 per feature, lru)" in stopped, stopped
+    _assert_bounded(_metrics(tmp_path), 7800)
+
+    # Another layout's tables cannot take this checkpoint: a clear error, and the checkpoint stays usable.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    other = [
+        sys.executable,
+        str(TRAIN),
+        *TINY,
+        *run[2:],
+        "--tables",
+        "coalesced",
+        "--resume",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=DEADLINE_S, env=env)
+    assert refused.returncode != 0
+    assert "resumes only with the table layout that wrote it; this run has --tables coalesced" in refused.stderr
+
+    resumed = _one_process(*run, "--resume", "--out-dir", str(tmp_path))
+    whole = _one_process(*run, "--out-dir", str(tmp_path / "whole"))
+    assert "trained steps 10-20 " in resumed
+    assert _test_auc(resumed) == _test_auc(whole)
+    rows, whole_rows = _metrics(tmp_path), _metrics(tmp_path / "whole")
+    assert [(r["rows"], r["evicted"]) for r in rows] == [(r["rows"], r["evicted"]) for r in whole_rows]
+    _assert_bounded(rows, 7800)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--baseline", "--tables", "coalesced"], "--tables lays out recis tables"),
+        (["--tables", "per-feature-separate", "--capacity", "25"], "--capacity 25 is shared by the 26 features"),
+    ],
+)
+def test_table_layout_flags_that_do_not_fit_are_refused_before_training(args, message):
+    result = subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 @pytest.mark.timeout(DEADLINE_S + 30)
@@ -185,7 +243,7 @@ def test_one_process_with_tf_optimizers_and_grad_accumulation_learns(tmp_path):
         "--steps", "40", "--grad-accum", "2", "--sparse-opt", "adamw_tf", "--dense-opt", "adamw_tf",
         "--eval-every", "20", "--checkpoint-every", "0", "--out-dir", str(tmp_path),
     )  # fmt: skip
-    assert "DeepFM: one HashTable" in stdout and "SparseAdamWTF" in stdout and "dense part AdamWTF" in stdout
+    assert "DeepFM: EmbeddingEngine, " in stdout and "SparseAdamWTF" in stdout and "dense part AdamWTF" in stdout
     assert _test_auc(stdout) > 0.55
     rows = _assert_outputs(tmp_path, 40)
     assert [int(row["step"]) for row in rows] == [10, 20, 30, 40]
