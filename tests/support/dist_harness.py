@@ -42,6 +42,10 @@ def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str, fn: Ca
             world_size=world_size,
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
+        # gloo's init returns once this rank's side of every pair is up; a rank whose fn makes
+        # no collective could then exit while a slower peer is still connecting, failing that
+        # peer's init ("Connection closed by peer"). Past this barrier every rank is connected.
+        dist.barrier()
         outcome = {"result": fn(rank, world_size, *args)}
     except BaseException as error:  # reported to the parent, which fails the test
         outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
