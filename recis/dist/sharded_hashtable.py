@@ -90,6 +90,7 @@ class ShardedHashTable(HashTable):
             "grad_reduce_by": self.grad_reduce_by,
             "children": list(self.children_info.names),
             "coalesced": self.children_info.coalesced,
+            "requires_optimizer_state": self.requires_optimizer_state,
             **self.lifecycle.config(),
         }
 

@@ -52,6 +52,12 @@ def _tables_of(params: Any) -> list[HashTable]:
     return tables
 
 
+def _trained(tables: list[HashTable]) -> list[HashTable]:
+    """The tables an optimizer keeps: frozen ones (``requires_optimizer_state=False``) are left
+    out, as RecIS's sparse optimizers leave them out."""
+    return [table for table in tables if table.requires_optimizer_state]
+
+
 def _as_param_groups(params: TableParams) -> list[Any]:
     """Turn ``params`` into what ``torch.optim.Optimizer.__init__`` expects, tables kept as they are."""
     if isinstance(params, (HashTable, dict)):
@@ -68,7 +74,8 @@ class SparseOptimizer(torch.optim.Optimizer):
     Args:
         params: tables to optimize: the dict of ``filter_out_sparse_param``, an iterable of
             ``HashTable``, or a list of param-group dicts (``{"params": ..., "lr": ...}``)
-            whose entries override the defaults for their tables.
+            whose entries override the defaults for their tables. Frozen tables
+            (``requires_optimizer_state=False``) are left out, as in RecIS.
         param_dict: RecIS's name for ``params`` (keyword only; the same values); give one of the two.
         lr, beta1, beta2, eps: the Adam hyperparameters of the formula.
         weight_decay: its coefficient; None takes the class's ``default_weight_decay``.
@@ -148,7 +155,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError(f"a param group must be a dict with a 'params' entry, got {group!r:.100}")
         merged = {**self.defaults, **group}
-        merged["params"] = _tables_of(group["params"])
+        merged["params"] = _trained(_tables_of(group["params"]))
         merged["lr"] = check_lr(merged["lr"])
         merged["eps"] = check_eps(merged["eps"])
         merged["weight_decay"] = check_weight_decay(merged["weight_decay"])
@@ -184,7 +191,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         one named like a table it has (RecIS keys tables by name). Under
         ``recis.dist.ShardedOptimizer`` use its ``add_param_group``.
         """
-        tables = _tables_of(params)
+        tables = _trained(_tables_of(params))
         have = self._tables()
         names = {table.name for table in have if table.name is not None}
         for table in tables:

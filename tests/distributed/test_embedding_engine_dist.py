@@ -1,5 +1,5 @@
 """EmbeddingEngine on W gloo ranks: the same tables as one process with the concatenated
-batch, for every combiner, ragged and dense input, weights and a coalesced table; at most
+batch, for every combiner, ragged and dense input, weights, a coalesced table and a frozen one; at most
 three collective calls per forward however many features; bad input and options that
 differ across ranks raise on every rank."""
 
@@ -28,6 +28,7 @@ def _options() -> dict[str, EmbeddingOption]:
         "recent": EmbeddingOption(
             embedding_dim=2, shared_name="seq", combiner="tile", combiner_kwargs={"tile_len": 2}, seed=3
         ),
+        "tag": EmbeddingOption(embedding_dim=2, shared_name="tag", trainable=False, seed=4),  # a frozen table
     }
 
 
@@ -61,6 +62,7 @@ def _samples(batch: dict, part: slice) -> dict:
         "user": batch["user"][part],
         "city": batch["city"][part],
         "recent": _ragged(batch, part, weighted=False),
+        "tag": batch["user"][part],
     }
 
 
@@ -101,7 +103,7 @@ def _one_process() -> dict:
 def test_the_engine_on_ranks_trains_the_tables_of_one_process_with_the_whole_batch(world_size):
     per_rank = run_ranks(world_size, _ranks)
     reference = _one_process()
-    assert sorted(reference) == ["item", "seq", "user+city"]
+    assert sorted(reference) == ["item", "seq", "tag", "user+city"]
     for name, rows in reference.items():
         merged = {key: value for result in per_rank for key, value in result["tables"][name].items()}
         assert sorted(merged) == sorted(rows), name

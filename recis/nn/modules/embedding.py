@@ -134,8 +134,11 @@ def is_distributed(pg: dist.ProcessGroup | None) -> bool:
     return pg is not None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
-def make_table(option: EmbeddingOption, name: str, children: list[str], pg: dist.ProcessGroup | None) -> HashTable:
-    """The table for ``option``: sharded across ranks when distributed (see ``is_distributed``)."""
+def make_table(
+    option: EmbeddingOption, name: str, children: list[str], pg: dist.ProcessGroup | None, trained: bool
+) -> HashTable:
+    """The table for ``option``: sharded across ranks when distributed (see ``is_distributed``);
+    frozen (``requires_optimizer_state=False``) unless ``trained``."""
     kwargs = {
         "block_size": option.block_size,
         "dtype": option.dtype,
@@ -150,6 +153,7 @@ def make_table(option: EmbeddingOption, name: str, children: list[str], pg: dist
         "capacity": option.capacity,
         "eviction": option.eviction,
         "admit_hook": option.admit_hook,
+        "requires_optimizer_state": trained,
     }
     if is_distributed(pg):
         from recis.dist.sharded_hashtable import ShardedHashTable  # recis.dist builds on recis.nn: import late
@@ -183,7 +187,9 @@ class DynamicEmbedding(nn.Module):
         if not isinstance(emb_opt, EmbeddingOption):
             raise TypeError(f"DynamicEmbedding takes an EmbeddingOption, got {type(emb_opt).__name__}")
         self._emb_opt = emb_opt
-        self._hashtable = make_table(emb_opt, emb_opt.shared_name, emb_opt.children, pg or emb_opt.pg)
+        self._hashtable = make_table(
+            emb_opt, emb_opt.shared_name, emb_opt.children, pg or emb_opt.pg, trained=emb_opt.trainable
+        )
 
     @property
     def name(self) -> str:

@@ -12,7 +12,12 @@ embeddings, as RecIS's does:
   have rows, and the others receive no gradient).
 - Tables with ``coalesced=True`` and equal options are merged into one physical table
   whose children are their shared names; each keeps its ids apart (RecIS's 12-bit child
-  encoding, ``recis.nn.table_children``). Fewer tables, fewer kernel calls.
+  encoding, ``recis.nn.table_children``). Fewer tables, fewer kernel calls. Other tables
+  are not merged (RecIS merges all with equal options): a coalesced table keeps 52 bits
+  of an id, a table of its own every 64-bit id exactly.
+- A shared name that no trainable feature reads gets a frozen table
+  (``requires_optimizer_state=False``; RecIS's ``_Frozen`` tables): sparse optimizers
+  leave it out, and it merges only with other frozen ones.
 - One lookup per physical table and admit hook per forward, of all those features' ids
   at once, in the order the options name their first features. Under
   torch.distributed (several ranks, or ``pg``) the tables are sharded and the lookups of
@@ -74,11 +79,19 @@ def _index_of(entry: tuple[str, AdmitHook | None], entries: list[tuple[str, Admi
     return entries.index(entry)
 
 
+def _trained_names(emb_options: Mapping[str, EmbeddingOption]) -> set[str]:
+    """The shared names some trainable feature reads: the others' tables are frozen (as in RecIS)."""
+    return {option.shared_name for option in emb_options.values() if option.trainable}
+
+
 def _physical_tables(emb_options: Mapping[str, EmbeddingOption]) -> dict[str, list[str]]:
-    """Physical table name -> the shared names it holds (coalesced tables with equal options merge)."""
-    groups: dict[str, list[str]] = {}
+    """Physical table name -> the shared names it holds (coalesced tables with equal options, both
+    trained or both frozen, merge)."""
+    trained = _trained_names(emb_options)
+    groups: dict[tuple | str, list[str]] = {}
     for option in emb_options.values():
-        key = json.dumps(option.table_config(), sort_keys=True) if option.coalesced else option.shared_name
+        config = json.dumps(option.table_config(), sort_keys=True)
+        key = (config, option.shared_name in trained) if option.coalesced else option.shared_name
         names = groups.setdefault(key, [])
         if option.shared_name not in names:
             names.append(option.shared_name)
@@ -116,7 +129,8 @@ class EmbeddingEngine(nn.Module):
             hooks = _distinct(emb_options[name].admit_hook for name in features)
             option = next(o for o in emb_options.values() if o.shared_name == shared_names[0])
             option = replace(option, admit_hook=hooks[0] if len(hooks) == 1 else None)  # else: per lookup
-            self._tables[f"table{key}"] = make_table(option, physical, shared_names, self._pg)
+            trained = shared_names[0] in _trained_names(emb_options)
+            self._tables[f"table{key}"] = make_table(option, physical, shared_names, self._pg, trained)
             for feature in features:
                 self._fea_to_ht[feature] = f"table{key}"
                 self._fea_to_lookup[feature] = _index_of(

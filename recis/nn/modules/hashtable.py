@@ -98,6 +98,8 @@ class HashTable(nn.Module):
             pending) and raises ``ValueError``, changing nothing, when it cannot.
         eviction: ``"lru"`` (default with a capacity) or ``"lfu"``; see ``recis.nn.eviction``.
         admit_hook: the ``AdmitHook`` of every lookup that passes none.
+        requires_optimizer_state: RecIS's; False makes the table frozen: its lookups carry
+            no gradient to it and sparse optimizers leave it out (as RecIS's do).
 
     ``table(ids)`` returns ``ids.shape + embedding_shape``. In training mode absent ids
     are inserted (as the admit hook allows); in eval mode nothing is inserted and absent
@@ -125,9 +127,12 @@ class HashTable(nn.Module):
         capacity: int | None = None,
         eviction: str | None = None,
         admit_hook: AdmitHook | None = None,
+        requires_optimizer_state: bool = True,
     ) -> None:
         super().__init__()
         _check_recis_options(block_size, slice, grad_reduce_by)
+        if not isinstance(requires_optimizer_state, bool):
+            raise TypeError(f"HashTable requires_optimizer_state must be a bool, got {requires_optimizer_state!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"HashTable dtype must be a floating dtype, got {dtype}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -145,6 +150,7 @@ class HashTable(nn.Module):
         self.block_size = block_size
         self.slice = slice
         self.grad_reduce_by = grad_reduce_by
+        self._requires_optimizer_state = requires_optimizer_state
         self.children_info = TableChildren(children, coalesced, name)
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         _check_device(device, "HashTable")
@@ -172,6 +178,12 @@ class HashTable(nn.Module):
     def lifecycle(self) -> RowLifecycle:
         """Admission, eviction and filter policies of the table, with their counters."""
         return self._lifecycle
+
+    @property
+    def requires_optimizer_state(self) -> bool:
+        """False for a frozen table (RecIS's name): its lookups carry no gradient to it, sparse
+        optimizers leave it out, and ``accept_grad`` refuses; it still inserts, admits and evicts."""
+        return self._requires_optimizer_state
 
     @property
     def capacity(self) -> int | None:
@@ -363,8 +375,9 @@ class HashTable(nn.Module):
 
     def differentiable(self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver) -> torch.Tensor:
         """``unique_values[inverse]``; with grad enabled, backward hands the per-unique gradient to ``receive``
-        (summed over an id's occurrences; their mean with ``grad_reduce_by="id"``)."""
-        if torch.is_grad_enabled():
+        (summed over an id's occurrences; their mean with ``grad_reduce_by="id"``). A frozen table's
+        rows are constants to autograd."""
+        if torch.is_grad_enabled() and self._requires_optimizer_state:
             if self.grad_reduce_by == "id":
                 receive = partial(_mean_over_occurrences, receive, inverse, unique_values.shape[0])
             return row_lookup(self._grad_anchor, unique_values, inverse, receive)
@@ -613,6 +626,8 @@ class HashTable(nn.Module):
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
         flat_ids, grad = self.checked_gradient(ids, grad)
+        if not self._requires_optimizer_state:
+            raise RuntimeError(f"{self.describe()} is frozen (requires_optimizer_state=False): it takes no gradient")
         if self._lookup_union is not None and self._lifecycle.columns:
             raise RuntimeError(
                 f"{self.describe()}: accept_grad is not available on a bounded replica under ShardedOptimizer "
