@@ -76,7 +76,8 @@ def optimizer_kind(optimizer: Any) -> str:
 def _checkpoint_name(root: Path, extra: dict[str, Any]) -> tuple[int, str]:
     sequence = max((seq for seq, _ in complete_checkpoints(root)), default=0) + 1
     step = extra.get("step")
-    return sequence, f"{PREFIX}{sequence:06d}" + (f"-step{step}" if isinstance(step, int) else "")
+    names_step = isinstance(step, int) and not isinstance(step, bool)  # True is an int to Python
+    return sequence, f"{PREFIX}{sequence:06d}" + (f"-step{step}" if names_step else "")
 
 
 def _broadcast(value: Any, world_size: int) -> Any:

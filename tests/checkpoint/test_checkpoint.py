@@ -116,6 +116,14 @@ def test_latest_names_the_newest_and_keep_removes_only_older_complete_checkpoint
     assert ck.load(tmp_path / "ckpt-000003-step3", *_make()) == {"step": 3}
 
 
+def test_only_an_int_step_names_a_checkpoint(tmp_path):
+    run = _make()
+    for step in (True, "7", 2.0, 5):
+        ck.save(tmp_path, *run, extra={"step": step})
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-"))
+    assert names == ["ckpt-000001", "ckpt-000002", "ckpt-000003", "ckpt-000004-step5"]
+
+
 def _snapshot(run):
     return {key: value.clone() for key, value in run[0].state_dict().items()}
 
