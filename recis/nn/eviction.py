@@ -23,6 +23,7 @@ EVICTION_POLICIES = ("lru", "lfu")
 LAST_SEEN = "last_seen"
 SIGHTINGS = "sightings"
 _CLOCK_BITS = 32
+_INELIGIBLE = torch.iinfo(torch.int64).max  # the score choose_victims gives ineligible rows
 
 
 def eviction_scores(policy: str, last_seen: torch.Tensor, sightings: torch.Tensor) -> torch.Tensor:
@@ -36,13 +37,20 @@ def eviction_scores(policy: str, last_seen: torch.Tensor, sightings: torch.Tenso
 def choose_victims(
     scores: torch.Tensor, eligible: torch.Tensor, count: int, ids_of: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """The ``count`` eligible rows of lowest score (ties: smaller id first); ``ids_of`` maps rows to ids."""
-    candidates = eligible.nonzero().squeeze(1)
-    if count >= candidates.numel():
-        return candidates
-    candidate_scores = scores.index_select(0, candidates)
-    threshold = candidate_scores.kthvalue(count).values
-    below = candidates[candidate_scores < threshold]
-    ties = candidates[candidate_scores == threshold]
+    """The ``count`` eligible rows of lowest score (ties: smaller id first); ``ids_of`` maps rows to ids.
+
+    The rows scoring below the ``count``-th lowest eligible score, in row order, then the
+    lowest ids among the rows scoring it. Scores are below the int64 maximum, which
+    stands in for the ineligible rows, so the temporaries have one entry per row of the
+    table (the same sizes at every call once the table is full) or per victim: a full
+    table makes no temporaries whose size varies from step to step with the number of
+    eligible rows, which the allocator would keep or return unevenly.
+    """
+    if count >= int(eligible.sum()):
+        return eligible.nonzero().squeeze(1)
+    masked = torch.where(eligible, scores, _INELIGIBLE)
+    threshold = masked.kthvalue(count).values
+    below = (masked < threshold).nonzero().squeeze(1)
+    ties = (masked == threshold).nonzero().squeeze(1)
     first_ties = ties[torch.argsort(ids_of(ties))[: count - below.numel()]]
     return torch.cat([below, first_ties])

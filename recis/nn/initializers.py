@@ -36,10 +36,11 @@ from typing import Any, Protocol
 
 import torch
 
-from recis.ops.hashing import GOLDEN_GAMMA, mix64
+from recis.ops.hashing import GOLDEN_GAMMA, mix64, mix64_
 
 _INV_2_POW_53 = 1.0 / (1 << 53)
 _MASK64 = (1 << 64) - 1
+_BLOCK_ELEMENTS = 1 << 17  # uniform_bits works in blocks of this many elements (1 MiB of int64)
 DEFAULT_BLOCK_SIZE = 5  # RecIS's HashTable(block_size=5): the row count its fans see by default
 _UNIFORM_STREAM, _RADIUS_STREAM, _ANGLE_STREAM, _TRUNC_STREAM = 0, 1, 2, 3
 
@@ -74,11 +75,30 @@ def _stream_key(seed: int, stream: int) -> int:
 
 
 def uniform_bits(ids: torch.Tensor, width: int, seed: int, stream: int = 0) -> torch.Tensor:
-    """Float64 uniforms in [0, 1) of shape ``(len(ids), width)``, a pure function of the inputs."""
-    key = mix64(ids.reshape(-1, 1) ^ mix64(torch.tensor(_stream_key(seed, stream), dtype=torch.int64)))
+    """Float64 uniforms in [0, 1) of shape ``(len(ids), width)``, a pure function of the inputs.
+
+    Element (i, j) is ``top53(mix64(key_i + (j + 1) * GOLDEN_GAMMA)) / 2**53`` with
+    ``key_i = mix64(ids[i] ^ mix64(stream key of (seed, stream)))``. The ids are taken in
+    blocks of about ``_BLOCK_ELEMENTS`` elements, hashed in place in two scratch buffers of
+    that size, so the result is the only tensor whose size grows with ``len(ids)``: a large
+    insert makes no train of batch-sized temporaries for the allocator to keep or return.
+    """
+    ids = ids.reshape(-1)
+    count = ids.numel()
+    uniforms = torch.empty((count, width), dtype=torch.float64, device=ids.device)
+    stream_key = mix64(torch.tensor(_stream_key(seed, stream), dtype=torch.int64))
     counters = torch.arange(1, width + 1, dtype=torch.int64, device=ids.device) * GOLDEN_GAMMA
-    bits = mix64(key + counters)
-    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) * _INV_2_POW_53
+    block = max(1, _BLOCK_ELEMENTS // width)
+    bits = torch.empty((min(block, count), width), dtype=torch.int64, device=ids.device)
+    scratch = torch.empty_like(bits)
+    for start in range(0, count, block):
+        stop = min(start + block, count)
+        block_bits, block_scratch = bits[: stop - start], scratch[: stop - start]
+        torch.add(mix64(ids[start:stop].reshape(-1, 1) ^ stream_key), counters, out=block_bits)
+        mix64_(block_bits, block_scratch)
+        block_bits.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
+        uniforms[start:stop].copy_(block_bits).mul_(_INV_2_POW_53)
+    return uniforms
 
 
 def _splitmix(value: int) -> int:
@@ -98,7 +118,7 @@ def _joined_seed(seed: int, generator_seed: int | None) -> int:
 
 def _sample_uniform(ids: torch.Tensor, shape: Sequence[int], seed: int, a: float, b: float) -> torch.Tensor:
     u = uniform_bits(ids, math.prod(shape), seed, _UNIFORM_STREAM)
-    return (a + (b - a) * u).reshape(ids.numel(), *shape)
+    return u.mul_(b - a).add_(a).reshape(ids.numel(), *shape)  # a + (b - a) * u, in place: the same roundings
 
 
 def _sample_normal(ids: torch.Tensor, shape: Sequence[int], seed: int, mean: float, std: float) -> torch.Tensor:

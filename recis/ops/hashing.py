@@ -40,3 +40,15 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     x = x ^ logical_shift_right(x, 27)
     x = x * _MUL2
     return x ^ logical_shift_right(x, 31)
+
+
+def mix64_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``mix64`` in place on the contiguous int64 ``x``, using ``scratch`` (same shape) for the
+    shifted copies; returns ``x``. The same integer operations, so the same bits, with no new tensor."""
+    for bits, multiplier in ((30, _MUL1), (27, _MUL2), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=scratch)
+        scratch.bitwise_and_((1 << (64 - bits)) - 1)
+        x.bitwise_xor_(scratch)
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x

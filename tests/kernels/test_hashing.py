@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from reference_hashing import mix64_int
 
-from recis.ops.hashing import GOLDEN_GAMMA, logical_shift_right, mix64
+from recis.ops.hashing import GOLDEN_GAMMA, logical_shift_right, mix64, mix64_
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -53,6 +53,14 @@ def test_mix64_matches_python_int_reference_on_random_and_edge_int64():
     got = mix64(torch.tensor(values, dtype=torch.int64)).tolist()
     expected = [mix64_int(v) for v in values]
     assert got == expected
+
+
+def test_mix64_in_place_gives_the_same_bits_in_its_own_tensor():
+    values = torch.tensor(_interesting_int64(5000, seed=3), dtype=torch.int64).reshape(-1, 3)[:1000]
+    x, scratch = values.clone(), torch.empty_like(values)
+    result = mix64_(x, scratch)
+    assert result is x
+    assert x.tolist() == [[mix64_int(v) for v in row] for row in values.tolist()]
 
 
 def test_mix64_of_splitmix64_states_gives_published_seed0_generator_outputs():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from recis.nn import initializers
 from recis.nn.initializers import (
     ConstantInitializer,
     KaimingNormalInitializer,
@@ -232,6 +233,17 @@ def test_draws_of_seeds_that_worked_before_are_unchanged():
     expected = [[0.7131054136919887, 0.7812383825192055], [0.14946485421447808, 0.8600990994046573],
                 [0.058620012174649294, 0.9950268444633534], [0.1694059294792981, 0.9890621480371279]]  # fmt: skip
     assert uniform_bits(ids, 2, -(2**61), stream=2).tolist() == expected
+
+
+@pytest.mark.parametrize("count", [0, 1, 6, 7, 8, 20])
+def test_uniform_bits_in_blocks_equal_the_draws_id_by_id(monkeypatch, count):
+    # Blocks of 3 ids of width 2 (6 elements): counts below, at and across block boundaries.
+    ids = _ids(list(range(-7, 3 * count, 3))[:count])
+    one_by_one = [uniform_bits(ids[i : i + 1], 2, 11, stream=1) for i in range(count)]
+    monkeypatch.setattr(initializers, "_BLOCK_ELEMENTS", 6)
+    blocked = uniform_bits(ids, 2, 11, stream=1)
+    assert blocked.shape == (count, 2) and blocked.dtype == torch.float64
+    assert blocked.tolist() == [row.reshape(-1).tolist() for row in one_by_one]
 
 
 def test_every_int64_seed_works_and_seeds_a_half_range_apart_differ():
