@@ -15,6 +15,7 @@ TORCH_LIBRARY(recis, m) {
   m.def("id_map_insert(Tensor(a!) buckets, Tensor ids, Tensor rows) -> ()");
   m.def("id_map_erase(Tensor(a!) buckets, Tensor ids) -> Tensor");
   m.def("id_map_rehash(Tensor buckets, int bucket_count) -> Tensor");
+  m.def("id_map_drop_tombstones(Tensor(a!) buckets) -> ()");  // CPU only (NativeIdMap rehashes on CUDA)
   m.def(
       "adamw_tf_multi_tensor(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");

@@ -1,7 +1,8 @@
 // The id map on CPU: find (parallel), insertion of absent, distinct ids with the rows
-// the caller chose, erasure (a tombstone per erased id), and rehash into a fresh bucket
-// array without the tombstones. Layout: common/id_map_layout.h. The caller keeps live
-// plus erased buckets <= 1/2 of the buckets.
+// the caller chose, erasure (a tombstone per erased id), rehash into a fresh bucket
+// array without the tombstones, and the same in place when the bucket count stays.
+// Layout: common/id_map_layout.h. The caller keeps live plus erased buckets <= 1/2 of
+// the buckets.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -113,6 +114,31 @@ at::Tensor rehash(const at::Tensor& table, int64_t bucket_count) {
   return grown;
 }
 
+// Drop the tombstones in place, keeping the bucket count: no second bucket array (a
+// bounded table erases and inserts every step, so it cleans up often). Tombstones become
+// empty; then, from a bucket that was empty before (no probe sequence crosses it), each
+// live entry in turn leaves its bucket for the first empty bucket from its home. That
+// bucket lies between its home and where it was, and the entries still to come lie after
+// it, so every probe sequence stays unbroken: the same lookups, fewer buckets probed.
+void drop_tombstones(at::Tensor table) {
+  const Buckets buckets = buckets_of(table);
+  int64_t start = -1;
+  for (int64_t b = 0; b < buckets.count; ++b) {
+    if (start < 0 && buckets.row(b) == kEmptyRow) start = b;
+    if (buckets.row(b) == kErasedRow) buckets.slots[2 * b + 1] = kEmptyRow;
+  }
+  TORCH_CHECK(start >= 0, "id_map_drop_tombstones: no empty bucket (the map is over its load limit)");
+  for (int64_t step = 1; step < buckets.count; ++step) {
+    const int64_t b = (start + step) & (buckets.count - 1);
+    const int64_t key = buckets.key(b), row = buckets.row(b);
+    if (row < 0 || home_bucket(key, buckets.count) == b) continue;
+    buckets.slots[2 * b + 1] = kEmptyRow;
+    const int64_t to = buckets.first_empty(key);
+    buckets.slots[2 * to] = key;
+    buckets.slots[2 * to + 1] = row;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
@@ -120,6 +146,7 @@ TORCH_LIBRARY_IMPL(recis, CPU, m) {
   m.impl("id_map_insert", &insert);
   m.impl("id_map_erase", &erase);
   m.impl("id_map_rehash", &rehash);
+  m.impl("id_map_drop_tombstones", &drop_tombstones);
 }
 
 }  // namespace recis::cpu

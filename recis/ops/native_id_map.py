@@ -37,5 +37,10 @@ class NativeIdMap(IdMapBase):
         return torch.ops.recis.id_map_erase(self._buckets, ids)
 
     def _rehash(self, buckets: int) -> None:
+        """Into ``buckets`` buckets without tombstones; on CPU at an unchanged count, in place
+        (a full bounded table does this every few steps: no second bucket array to allocate)."""
+        if buckets == self.bucket_count and self.device.type == "cpu":
+            torch.ops.recis.id_map_drop_tombstones(self._buckets)
+            return
         with torch.inference_mode(False):
             self._buckets = torch.ops.recis.id_map_rehash(self._buckets, buckets)

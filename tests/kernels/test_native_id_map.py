@@ -7,6 +7,7 @@ import torch
 from id_map_support import find_or_insert
 from native_support import require_native
 
+from recis.ops.hashing import mix64
 from recis.ops.id_map import TorchIdMap
 from recis.ops.native_id_map import NativeIdMap
 from recis.ops.row_keys import RowKeys
@@ -151,6 +152,30 @@ def test_erased_ids_are_absent_their_rows_take_new_ids_and_probes_pass_the_tombs
     assert id_map.find(_ids(reference)).tolist() == list(reference.values())
     keys = id_map.keys_by_row()
     assert all(int(keys[row]) == value for value, row in reference.items())
+
+
+def test_a_rehash_at_the_same_bucket_count_drops_the_tombstones_in_place():
+    # 55 ids in 128 buckets, 30 of them at home in the last 4 buckets, so probe sequences wrap
+    # around to bucket 0; erasing 10 and inserting 10 passes the load limit (live + erased <= 64).
+    candidates = torch.arange(1, 200_000, dtype=torch.int64)
+    homes = mix64(candidates) & 127
+    wrapping, elsewhere = candidates[homes >= 124][:30], candidates[homes < 100][:40]
+    id_map = NativeIdMap()
+    reference = dict(zip([*wrapping.tolist(), *elsewhere[:25].tolist()], range(55)))
+    id_map.insert_new(_ids(reference))
+    buckets = id_map._buckets
+    assert id_map.bucket_count == 128
+    erased = [*wrapping[::3].tolist()]  # 10 ids of the wrapping cluster
+    rows = id_map.erase(_ids(erased))
+    new = elsewhere[25:35].tolist()
+    id_map.insert_new(_ids(new), rows)
+    for value in erased:
+        reference.pop(value)
+    reference.update(zip(new, rows.tolist()))
+    assert id_map._buckets is buckets and id_map.bucket_count == 128  # the same array
+    assert int((buckets[:, 1] == -2).sum()) == 0 and int((buckets[:, 1] >= 0).sum()) == 55
+    assert id_map.find(_ids(reference)).tolist() == list(reference.values())
+    assert id_map.find(_ids(erased + elsewhere[35:].tolist())).tolist() == [-1] * 15
 
 
 def test_native_and_torch_maps_agree_after_erasing_and_truncating():
