@@ -68,7 +68,10 @@ class TorchIdMap(IdMapBase):
     def _rehash(self, buckets: int) -> None:
         live = self._bucket_rows >= 0
         ids, rows = self._bucket_keys[live], self._bucket_rows[live]
-        self._reset(buckets)
+        if buckets == self.bucket_count:  # a full bounded table, every few steps: reuse the arrays
+            self._bucket_rows.fill_(_EMPTY)
+        else:
+            self._reset(buckets)
         self._place(ids, rows)
 
     def _place(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
