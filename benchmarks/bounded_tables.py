@@ -14,10 +14,17 @@ zero_grad; --threads torch threads (default 2). Cases:
             is full (warm-up), the max/min RSS ratio says whether memory is flat (target:
             within 5%). Writes memory.csv and, with matplotlib, memory.png (rows and RSS).
             Full size (--full): capacity 1M, dim 64, 65,536 ids per step, 20M distinct ids.
-            The table's storage is fixed once full; what moves RSS from step to step is
-            glibc's heap keeping or returning the step's temporaries (16 MB each at full size).
+            The table's storage is fixed once full, and so are the sizes of most of the step's
+            large temporaries (the forward output, 16 MB at full size; the eviction's per-row
+            masks and scores). The id map drops its tombstones in place (no second bucket
+            array every few steps) and new rows' initial values are hashed in fixed-size
+            blocks, so glibc's heap, which keeps freed blocks below its dynamic mmap threshold
+            (it rises to 16 MB here), is reused rather than grown, or traded for mmap and back.
+            What still varies in size (the batch's unique rows, their gradient, the new rows'
+            values) lets the heap grow by a few MB now and then after warm-up.
             MALLOC_MMAP_THRESHOLD_=1048576 (a fixed threshold: big blocks always go back to the
-            system when freed) shows the footprint without that jitter.
+            system when freed) shows the footprint without the heap's share (about 60-80 MB
+            less at full size), at the cost of page faults on every big block.
   tracking  train-step time of a --rows-row table with --tracking-batch random ids per step:
             unbounded (capacity None); tracked (a capacity of twice the rows, so nothing is
             evicted and only the LRU metadata differs); evicting (a full table of --rows rows,
