@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from recis.nn import DynamicEmbedding, EmbeddingEngine, EmbeddingOption, HashTable
+from recis.nn.hashtable_hook import FilterHook
 from recis.nn.initializers import ConstantInitializer
 from recis.nn.modules.hashtable import filter_out_sparse_param
 from recis.optim import SparseAdagrad, SparseAdamW
@@ -88,3 +89,19 @@ def test_coalesced_frozen_and_trained_tables_with_equal_options_stay_apart():
     engine = EmbeddingEngine(options)
     assert engine.table_of("a") is engine.table_of("b") and engine.table_of("c") is not engine.table_of("a")
     assert sorted(engine.tables()) == ["a+b", "c"]
+
+
+def test_a_full_frozen_table_evicts_the_rows_of_earlier_lookups_made_with_grad_enabled():
+    # A frozen table takes no gradient and no optimizer ends its gradient window (zero_grad
+    # leaves it out): its lookups must not protect their rows from eviction.
+    table = _frozen(name="frozen", capacity=4)
+    table(torch.tensor([0, 1, 2, 3]))
+    table(torch.tensor([4, 5]))
+    assert sorted(table.ids().tolist()) == [2, 3, 4, 5] and table.stats()["evicted"] == 2
+
+
+def test_the_filter_removes_stale_rows_of_a_frozen_table_looked_up_with_grad_enabled():
+    table = _frozen(name="frozen", filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 1}))
+    table(torch.tensor([1, 2]))
+    table.advance_filter_step(5)
+    assert table.run_filter() == 2 and len(table) == 0

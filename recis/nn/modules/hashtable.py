@@ -358,11 +358,14 @@ class HashTable(nn.Module):
     def _training_rows(
         self, unique_ids: torch.Tensor, admit_hook: AdmitHook | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of a training lookup's distinct ids, and the rows the lifecycle looked up."""
+        """Rows of a training lookup's distinct ids, and the rows the lifecycle looked up. A lookup
+        that will bring a gradient (grad enabled, a table that is not frozen) protects its rows
+        until the window ends; a frozen table's never do, as no gradient or optimizer ends it."""
         shared = self._shares_lookup(admit_hook)
         looked_up = self._lookup_union(unique_ids, admit_hook, None) if shared else unique_ids
+        protect = torch.is_grad_enabled() and self._requires_optimizer_state
         looked_up_rows = self._lifecycle.lookup_rows(
-            self._store, looked_up, self.initial_values, admit_hook, protect=torch.is_grad_enabled()
+            self._store, looked_up, self.initial_values, admit_hook, protect=protect
         )
         if not shared:
             return looked_up_rows, looked_up_rows
