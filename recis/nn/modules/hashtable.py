@@ -629,8 +629,6 @@ class HashTable(nn.Module):
     def accept_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (``ids.shape + embedding_shape``) to the pending gradient of present ids."""
         flat_ids, grad = self.checked_gradient(ids, grad)
-        if not self._requires_optimizer_state:
-            raise RuntimeError(f"{self.describe()} is frozen (requires_optimizer_state=False): it takes no gradient")
         if self._lookup_union is not None and self._lifecycle.columns:
             raise RuntimeError(
                 f"{self.describe()}: accept_grad is not available on a bounded replica under ShardedOptimizer "
@@ -641,7 +639,8 @@ class HashTable(nn.Module):
         self._grad.add(rows, grad, distinct=False)
 
     def checked_gradient(self, ids: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat int64 ids and ``(len(ids), embedding_dim)`` gradient rows, or a clear error."""
+        """Flat int64 ids and ``(len(ids), embedding_dim)`` gradient rows, or a clear error
+        (``RuntimeError`` for a frozen table, which takes no gradient)."""
         ids = self.checked_ids(ids)
         expected = (*ids.shape, *self._embedding_shape)
         if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
@@ -652,6 +651,8 @@ class HashTable(nn.Module):
             raise ValueError(f"{self.describe()}: gradient has shape {tuple(grad.shape)}, expected {expected}")
         if grad.device != self.device:
             raise ValueError(f"{self.describe()}: gradient is on {grad.device}, the table on {self.device}")
+        if not self._requires_optimizer_state:
+            raise RuntimeError(f"{self.describe()} is frozen (requires_optimizer_state=False): it takes no gradient")
         return ids.reshape(-1), grad.reshape(-1, self.embedding_dim)
 
     @property
