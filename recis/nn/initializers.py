@@ -88,7 +88,7 @@ def uniform_bits(ids: torch.Tensor, width: int, seed: int, stream: int = 0) -> t
     uniforms = torch.empty((count, width), dtype=torch.float64, device=ids.device)
     stream_key = mix64(torch.tensor(_stream_key(seed, stream), dtype=torch.int64))
     counters = torch.arange(1, width + 1, dtype=torch.int64, device=ids.device) * GOLDEN_GAMMA
-    block = max(1, _BLOCK_ELEMENTS // width)
+    block = max(1, _BLOCK_ELEMENTS // max(width, 1))  # width 0: empty rows, no draws
     bits = torch.empty((min(block, count), width), dtype=torch.int64, device=ids.device)
     scratch = torch.empty_like(bits)
     for start in range(0, count, block):

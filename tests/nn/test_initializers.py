@@ -246,6 +246,12 @@ def test_uniform_bits_in_blocks_equal_the_draws_id_by_id(monkeypatch, count):
     assert blocked.tolist() == [row.reshape(-1).tolist() for row in one_by_one]
 
 
+def test_uniform_bits_of_width_zero_are_an_empty_row_per_id():
+    # An initializer called with a zero-size embedding shape: no draws, one empty row per id.
+    assert uniform_bits(_ids([1, 2, 3]), 0, 5).shape == (3, 0)
+    assert initializers.UniformInitializer()(_ids([1, 2]), (2, 0), 5).shape == (2, 2, 0)
+
+
 def test_every_int64_seed_works_and_seeds_a_half_range_apart_differ():
     # HashTable takes any int64 seed; doubling the seed used to overflow from 2**62 on. The list
     # holds pairs 2**63 apart (-1 and INT64_MAX, 0 and INT64_MIN, +-2**62, ...), which a plain
