@@ -105,3 +105,19 @@ def test_the_filter_removes_stale_rows_of_a_frozen_table_looked_up_with_grad_ena
     table(torch.tensor([1, 2]))
     table.advance_filter_step(5)
     assert table.run_filter() == 2 and len(table) == 0
+
+
+def test_a_frozen_table_loads_a_trained_tables_rows_without_its_optimizer_slots_or_pending_gradient():
+    # Fine-tuning with pretrained embeddings frozen: the rows load; the Adam slots, which no
+    # optimizer of a frozen table reads, are not kept (as recis.checkpoint.load leaves them out),
+    # nor is a pending gradient, which nothing would apply or clear.
+    trained = HashTable([3], name="t", initializer=ConstantInitializer(0.5))
+    optimizer = SparseAdamW([trained], lr=0.1)
+    trained(torch.tensor([1, 2])).sum().backward()
+    optimizer.step()
+    trained(torch.tensor([2, 3])).sum().backward()  # saved with a gradient pending (mid-accumulation)
+    frozen = _frozen(name="t")
+    frozen.load_state_dict(trained.state_dict())
+    ids = torch.tensor([1, 2, 3])
+    assert torch.equal(frozen.lookup(ids), trained.lookup(ids))
+    assert frozen.slot_names() == [] and frozen.pending_grad() is None

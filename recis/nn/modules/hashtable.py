@@ -752,11 +752,13 @@ class HashTable(nn.Module):
             error_msgs.append(f"{self.describe()} at {prefix or '<root>'}: {problem}")
             return
         slots = _under(ours, _SLOT_PREFIX)
+        if not self._requires_optimizer_state:  # no optimizer reads a frozen table's slots: keep only its own
+            slots = {name: value for name, value in slots.items() if self._store.has_slot(name)}
         self.load_rows(ours["ids"], ours["weight"], slots, _under(ours, _COLUMN_PREFIX))
         lifecycle = _under(ours, _LIFECYCLE_PREFIX)
         if lifecycle:
             self._lifecycle.load_state(lifecycle)
-        if _PENDING_IDS in ours:
+        if _PENDING_IDS in ours and self._requires_optimizer_state:  # frozen: nothing would apply or clear it
             self.restore_grad(ours[_PENDING_IDS], ours[_PENDING_VALUES])
 
     def load_rows(
