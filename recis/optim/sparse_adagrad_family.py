@@ -90,7 +90,9 @@ class SparseAdagradFamily(SparseOptimizer):
         )
         self.init_tables(params, defaults)
         if not self._tables():
-            raise ValueError("optimizer got an empty parameter list")
+            raise ValueError(
+                "optimizer got an empty parameter list (frozen tables, requires_optimizer_state=False, are left out)"
+            )
 
     # ------------------------------------------------------------------ the formula's parts
     def checked_hyperparameters(self, merged: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:

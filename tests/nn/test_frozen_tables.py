@@ -121,3 +121,8 @@ def test_a_frozen_table_loads_a_trained_tables_rows_without_its_optimizer_slots_
     ids = torch.tensor([1, 2, 3])
     assert torch.equal(frozen.lookup(ids), trained.lookup(ids))
     assert frozen.slot_names() == [] and frozen.pending_grad() is None
+
+
+def test_an_adagrad_optimizer_of_frozen_tables_only_says_they_were_left_out():
+    with pytest.raises(ValueError, match="empty parameter list .frozen tables"):
+        SparseAdagrad({"frozen": _frozen(name="frozen")})
