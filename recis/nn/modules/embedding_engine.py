@@ -84,10 +84,9 @@ def _trained_names(emb_options: Mapping[str, EmbeddingOption]) -> set[str]:
     return {option.shared_name for option in emb_options.values() if option.trainable}
 
 
-def _physical_tables(emb_options: Mapping[str, EmbeddingOption]) -> dict[str, list[str]]:
+def _physical_tables(emb_options: Mapping[str, EmbeddingOption], trained: set[str]) -> dict[str, list[str]]:
     """Physical table name -> the shared names it holds (coalesced tables with equal options, both
-    trained or both frozen, merge)."""
-    trained = _trained_names(emb_options)
+    in ``trained`` or both frozen, merge)."""
     groups: dict[tuple | str, list[str]] = {}
     for option in emb_options.values():
         config = json.dumps(option.table_config(), sort_keys=True)
@@ -124,12 +123,13 @@ class EmbeddingEngine(nn.Module):
         self._fea_to_ht: dict[str, str] = {}
         self._lookups: list[tuple[str, AdmitHook | None]] = []  # (table key, admit hook): one lookup each
         self._fea_to_lookup: dict[str, int] = {}
-        for key, (physical, shared_names) in enumerate(_physical_tables(emb_options).items()):
+        trained_names = _trained_names(emb_options)
+        for key, (physical, shared_names) in enumerate(_physical_tables(emb_options, trained_names).items()):
             features = [name for name, option in emb_options.items() if option.shared_name in shared_names]
             hooks = _distinct(emb_options[name].admit_hook for name in features)
             option = next(o for o in emb_options.values() if o.shared_name == shared_names[0])
             option = replace(option, admit_hook=hooks[0] if len(hooks) == 1 else None)  # else: per lookup
-            trained = shared_names[0] in _trained_names(emb_options)
+            trained = shared_names[0] in trained_names
             self._tables[f"table{key}"] = make_table(option, physical, shared_names, self._pg, trained)
             for feature in features:
                 self._fea_to_ht[feature] = f"table{key}"
