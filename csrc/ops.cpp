@@ -11,6 +11,10 @@ TORCH_LIBRARY(recis, m) {
       "Tensor(d!)? row_steps, float lr, float beta1, float beta2, float eps, float weight_decay, int decay, "
       "int epsilon, bool maximize, int step) -> ()");
   m.def("coalesce_rows(Tensor rows, Tensor grads) -> (Tensor, Tensor)");
+  // CPU only, as id_map_drop_tombstones: on CUDA the torch kernels run (recis/ops/backend.py)
+  m.def("sum_by_index(Tensor index, Tensor values, int count) -> Tensor");
+  m.def("owner_rank(Tensor ids, int world_size) -> Tensor");
+  m.def("unique_by_owner(Tensor ids, int world_size) -> (Tensor unique, Tensor inverse, Tensor counts)");
   m.def("id_map_find(Tensor buckets, Tensor ids) -> Tensor");
   m.def("id_map_insert(Tensor(a!) buckets, Tensor ids, Tensor rows) -> ()");
   m.def("id_map_erase(Tensor(a!) buckets, Tensor ids) -> Tensor");

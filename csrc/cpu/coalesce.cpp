@@ -1,8 +1,10 @@
 // Coalescing of row gradients on CPU: sum the gradients that share a row.
 //
-// summed[u] = sum over k in segment u of grads[order[k]], with the segments of
-// row_segments (radix grouping, no comparison sort), added in input order as torch's
-// index_add_ adds them. Returns the distinct rows ascending and the sums.
+// coalesce_rows: summed[u] = sum over k in segment u of grads[order[k]], with the
+// segments of row_segments (radix grouping, no comparison sort), added in input order
+// as torch's index_add_ adds them. Returns the distinct rows ascending and the sums.
+// sum_by_index: sums[u] = sum of values[i] over index[i] == u, u < count, added in input
+// order: zeros(count, dim).index_add_(0, index, values) in one pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,10 +13,16 @@
 #include <tuple>
 
 #include "row_segments.h"
-#include "vec_math.h"
 
 namespace recis::cpu {
 namespace {
+
+// sum[j] += row[j]: a plain loop, which the compiler vectorizes for the build's ISA (faster
+// here than at::vec's portable Vectorized, which the baseline build falls back to).
+template <typename C>
+inline void add_row(const C* row, int64_t dim, C* sum) {
+  for (int64_t j = 0; j < dim; ++j) sum[j] += row[j];
+}
 
 template <typename C>
 void sum_segments(const C* grads, const int64_t* offsets, const int64_t* order, int64_t unique, int64_t dim, C* out) {
@@ -24,10 +32,7 @@ void sum_segments(const C* grads, const int64_t* offsets, const int64_t* order, 
       C* sum = out + u * dim;
       const C* first = grads + order[offsets[u]] * dim;
       std::copy(first, first + dim, sum);
-      for (int64_t k = offsets[u] + 1; k < offsets[u + 1]; ++k) {
-        const C* g = grads + order[k] * dim;
-        for_each_vector<C>(dim, [&](int64_t j, int64_t n) { store(load(sum + j, n) + load(g + j, n), sum + j, n); });
-      }
+      for (int64_t k = offsets[u] + 1; k < offsets[u + 1]; ++k) add_row(grads + order[k] * dim, dim, sum);
     }
   });
 }
@@ -44,8 +49,35 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& rows, const a
   return {unique_rows, summed};
 }
 
+template <typename C>
+void add_rows_at(const int64_t* index, const C* values, int64_t n, int64_t dim, C* sums) {
+  for (int64_t i = 0; i < n; ++i) {
+    add_row(values + i * dim, dim, sums + index[i] * dim);
+  }
+}
+
+at::Tensor sum_by_index(const at::Tensor& index_in, const at::Tensor& values_in, int64_t count) {
+  TORCH_CHECK(index_in.scalar_type() == at::kLong && index_in.dim() == 1, "index: 1-D int64");
+  TORCH_CHECK(values_in.dim() == 2 && values_in.size(0) == index_in.numel(), "values must be (len(index), dim)");
+  const at::Tensor index = index_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  if (index.numel() > 0) {
+    const auto [low, high] = at::aminmax(index);
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < count, "index out of range [0, ", count, ")");
+  }
+  at::Tensor sums = at::zeros({count, values.size(1)}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "recis_sum_by_index", [&] {
+    add_rows_at<scalar_t>(index.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), index.numel(), values.size(1),
+                          sums.data_ptr<scalar_t>());
+  });
+  return sums;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(recis, CPU, m) { m.impl("coalesce_rows", &coalesce_rows); }
+TORCH_LIBRARY_IMPL(recis, CPU, m) {
+  m.impl("coalesce_rows", &coalesce_rows);
+  m.impl("sum_by_index", &sum_by_index);
+}
 
 }  // namespace recis::cpu

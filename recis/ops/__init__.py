@@ -1,9 +1,9 @@
-"""Kernels of the hot path: the id map, gradient coalescing and the fused row updates.
+"""Kernels of the hot path: the id map, hash partitioning, gradient coalescing and the fused row updates.
 
 Each exported kernel runs, at call time, the backend that ``recis.ops.backend.choose_backend``
 names (``RECIS_BACKEND=native|torch|auto``, or ``use_backend``): the native C++/CUDA
 kernels of ``csrc/`` (fronted by ``native_kernels.py`` and ``native_id_map.py``) or the
-vectorized pure-torch kernels (``id_map.py``, ``coalesce.py``, ``sparse_adam_update.py``,
+vectorized pure-torch kernels (``id_map.py``, ``partition.py``, ``coalesce.py``, ``sparse_adam_update.py``,
 ``sparse_adagrad_update.py`` (no native twin: it runs on both backends),
 ``adamw_tf_update.py``), which stay as the reference. ``dispatch.py`` holds the fronts.
 """
@@ -13,8 +13,11 @@ from recis.ops.dispatch import (
     IdMap,
     adamw_tf_multi_tensor,
     coalesce_rows,
+    owner_rank,
     sparse_adagrad_update_rows,
     sparse_adam_update,
+    sum_by_index,
+    unique_by_owner,
 )
 from recis.ops.hashing import mix64
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
@@ -27,7 +30,10 @@ __all__ = [
     "choose_backend",
     "coalesce_rows",
     "mix64",
+    "owner_rank",
     "sparse_adagrad_update_rows",
     "sparse_adam_update",
+    "sum_by_index",
+    "unique_by_owner",
     "use_backend",
 ]

@@ -17,7 +17,8 @@ Some routings are made on purpose, under ``native`` too (``TORCH_KERNELS_UNDER_N
 AdamWTF's multi-tensor update of CUDA tensors runs torch's ``_foreach`` kernels, which
 are fused multi-tensor CUDA kernels already; recis has no CUDA kernel of its own for it.
 The Adagrad updates (element-wise and row-wise) have no native kernel on any device and
-run the torch ones. Each routing is announced by one warning when it first happens.
+run the torch ones; the hash partitioning (``owner_rank``, ``unique_by_owner``) and
+``sum_by_index`` have CPU kernels only. Each routing is announced by one warning when it first happens.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ BACKENDS = ("auto", "native", "torch")
 _NO_ADAGRAD_KERNEL = "recis has no native Adagrad kernel; the torch one is vectorized over the touched rows"
 TORCH_KERNELS_UNDER_NATIVE = {
     ("adamw_tf_multi_tensor", "cuda"): "recis has no CUDA kernel for it; torch's _foreach kernels are fused on CUDA",
+    **{
+        (op, "cuda"): "recis has no CUDA kernel for it; the torch one runs on the GPU"
+        for op in ("sum_by_index", "owner_rank", "unique_by_owner")
+    },
     **{
         (op, device): _NO_ADAGRAD_KERNEL
         for op in ("sparse_adagrad_update", "sparse_row_wise_adagrad_update")

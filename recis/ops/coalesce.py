@@ -17,3 +17,11 @@ def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor
     summed = torch.zeros((unique_rows.numel(), grads.shape[1]), dtype=accumulate_dtype, device=grads.device)
     summed.index_add_(0, inverse, grads.to(accumulate_dtype))
     return unique_rows, summed
+
+
+def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
+    """``sums[u] = sum of values[i] over index[i] == u`` for ``u < count``, added in input order,
+    in float32 (or the wider dtype of ``values``): the backward of ``rows.index_select(0, index)``."""
+    accumulate_dtype = torch.promote_types(values.dtype, torch.float32)
+    sums = torch.zeros((count, values.shape[1]), dtype=accumulate_dtype, device=values.device)
+    return sums.index_add_(0, index, values.to(accumulate_dtype))

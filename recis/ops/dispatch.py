@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from recis.ops import adamw_tf_update, coalesce, native_kernels, sparse_adagrad_update
+from recis.ops import adamw_tf_update, coalesce, native_kernels, partition, sparse_adagrad_update
 from recis.ops.backend import choose_backend
 from recis.ops.id_map import TorchIdMap
 from recis.ops.native_id_map import NativeIdMap
@@ -25,6 +25,26 @@ def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor
     float32 or the wider dtype of ``grads`` (``recis.ops.coalesce.coalesce_rows``)."""
     native = choose_backend(grads.device, "coalesce_rows") == "native"
     return (native_kernels if native else coalesce).coalesce_rows(rows, grads)
+
+
+def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
+    """``zeros(count, dim).index_add_(0, index, values)`` in float32 or wider: the per-row sums of a
+    gathered tensor's gradient (``recis.ops.coalesce.sum_by_index``)."""
+    native = choose_backend(values.device, "sum_by_index") == "native"
+    return (native_kernels if native else coalesce).sum_by_index(index, values, count)
+
+
+def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The rank that owns each int64 id: ``mix64(id) mod world_size`` (``recis.ops.partition``)."""
+    native = choose_backend(ids.device, "owner_rank") == "native"
+    return (native_kernels if native else partition).owner_rank(ids, world_size)
+
+
+def unique_by_owner(ids: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(unique, inverse, counts)``: the distinct 1-D ``ids`` grouped by owner rank, each group in
+    order of first appearance (``recis.ops.partition.unique_by_owner``)."""
+    native = choose_backend(ids.device, "unique_by_owner") == "native"
+    return (native_kernels if native else partition).unique_by_owner(ids, world_size)
 
 
 def sparse_adam_update(

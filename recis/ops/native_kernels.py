@@ -57,6 +57,25 @@ def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor
     return torch.ops.recis.coalesce_rows(rows.contiguous(), grads.to(accumulate_dtype).contiguous())
 
 
+def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
+    """Native ``recis.ops.coalesce.sum_by_index`` (CPU): one pass, sums in input order."""
+    accumulate_dtype = torch.promote_types(values.dtype, torch.float32)
+    if values.dim() != 2 or accumulate_dtype not in (torch.float32, torch.float64) or index.device != values.device:
+        layout = f"{values.dim()}-D {values.dtype} values on {values.device} with an index on {index.device}"
+        raise _unsupported("sum_by_index", layout)
+    return torch.ops.recis.sum_by_index(index, values.to(accumulate_dtype), count)
+
+
+def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Native ``recis.ops.partition.owner_rank`` (CPU)."""
+    return torch.ops.recis.owner_rank(ids.reshape(-1), world_size).reshape(ids.shape)
+
+
+def unique_by_owner(ids: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Native ``recis.ops.partition.unique_by_owner`` (CPU): one hashing pass, no sort."""
+    return torch.ops.recis.unique_by_owner(ids, world_size)
+
+
 def sparse_adam_update(
     weight: torch.Tensor,
     exp_avg: torch.Tensor,

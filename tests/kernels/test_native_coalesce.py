@@ -51,3 +51,26 @@ def test_low_precision_and_float64_gradients():
     rows = torch.tensor([3, 1, 3, 2, 1, 3])
     _check(rows, torch.randn(6, 5).to(torch.bfloat16))
     _check(rows, torch.randn(6, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dim", [1, 7, 64])
+def test_sum_by_index_equals_index_add_in_input_order(dtype, dim):
+    generator = torch.Generator().manual_seed(dim)
+    index = torch.randint(0, 40, (3000,), generator=generator)
+    values = torch.randn(3000, dim, generator=generator).to(dtype)
+    native = native_kernels.sum_by_index(index, values, 50)
+    reference = coalesce.sum_by_index(index, values, 50)
+    assert native.dtype == reference.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(native, reference)
+
+
+def test_sum_by_index_of_no_values_is_zero_rows():
+    sums = native_kernels.sum_by_index(torch.empty(0, dtype=torch.int64), torch.empty(0, 3), 4)
+    assert torch.equal(sums, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("bad_index", [[0, 4], [-1, 0]])
+def test_sum_by_index_rejects_an_index_outside_the_count(bad_index):
+    with pytest.raises(RuntimeError, match=r"index out of range \[0, 4\)"):
+        native_kernels.sum_by_index(torch.tensor(bad_index), torch.ones(2, 3), 4)
