@@ -213,34 +213,58 @@ def route(
     ``error`` is raised.
     """
     world_size, _ = group_size_and_rank(group)
-    tables = len(ids)
-    flags = list(flags) if flags is not None else [0] * tables
-    device = ids[0].device if tables else torch.device("cpu")
-    counts = torch.zeros((world_size, 2 * tables), dtype=torch.int64, device=device)
     orders: list[torch.Tensor | None] = []
-    sorted_ids = []
+    sorted_ids, counts = [], []
     done: dict[int, int] = {}  # a tensor given for several tables (the same object) is routed once
     for t, table_ids in enumerate(ids):
         first = done.setdefault(id(table_ids), t)
         if first != t:
             orders.append(orders[first])
             sorted_ids.append(sorted_ids[first])
-            counts[:, t] = counts[:, first]
+            counts.append(counts[first])
             continue
-        order, counts[:, t] = _owner_order(table_ids, world_size)
+        order, table_counts = _owner_order(table_ids, world_size)
         orders.append(order)
         sorted_ids.append(table_ids if order is None else table_ids.index_select(0, order))
-    counts[:, tables:] = torch.tensor(flags, dtype=torch.int64, device=device)
-    received = swap_sizes(counts, group, error).tolist()
-    send = counts.tolist()
-    routing = Routing(
+        counts.append(table_counts)
+    return _swapped(orders, counts, group, error, flags), sorted_ids
+
+
+def route_grouped(
+    counts: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None,
+    error: Exception | None = None,
+    flags: Sequence[int] | None = None,
+) -> Routing:
+    """``route`` of ids already in owner order (``recis.ops.unique_by_owner``): rank r owns
+    ``counts[t][r]`` of table t's. One collective for all tables, as ``route``."""
+    return _swapped([None] * len(counts), counts, group, error, flags)
+
+
+def _swapped(
+    orders: list[torch.Tensor | None],
+    counts: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None,
+    error: Exception | None,
+    flags: Sequence[int] | None,
+) -> Routing:
+    """The routing of tables whose ids go ``counts[t][r]`` to rank r, once the counts (and flags) are swapped."""
+    world_size, _ = group_size_and_rank(group)
+    tables = len(counts)
+    flags = list(flags) if flags is not None else [0] * tables
+    if tables:
+        send = torch.stack([*counts, *(torch.full_like(counts[0], flag) for flag in flags)], dim=1)
+    else:
+        send = torch.zeros((world_size, 0), dtype=torch.int64)
+    received = swap_sizes(send, group, error).tolist()
+    sent = send.tolist()
+    return Routing(
         orders,
-        [row[:tables] for row in send],
+        [row[:tables] for row in sent],
         [row[:tables] for row in received],
         [row[tables:] for row in received],
         group,
     )
-    return routing, sorted_ids
 
 
 def all_gather_blocks(blocks: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:

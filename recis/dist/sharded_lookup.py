@@ -1,6 +1,6 @@
 """Grouped sharded lookup: the rows of many ShardedHashTables in one exchange of ids and one of rows.
 
-    input_dist   each table's ids, deduplicated and sorted by owner; ONE swap of counts
+    input_dist   each table's ids, deduplicated and grouped by owner; ONE swap of counts
                  and ONE all-to-all of ids for all tables
     lookup       each owner finds (in training: inserts) and gathers the rows asked of it
     output_dist  ONE all-to-all of rows back for all tables; each table's rows are
@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from recis.dist.exchange import PeerError, Routing, route
+from recis.dist.exchange import PeerError, Routing, route_grouped
 from recis.nn.hashtable_hook import AdmitHook
+from recis.ops import unique_by_owner
 
 if TYPE_CHECKING:
     from recis.dist.sharded_hashtable import ShardedHashTable
@@ -34,7 +35,7 @@ class _Request:
 
     table: ShardedHashTable
     shape: torch.Size
-    ids: torch.Tensor  # distinct, in owner order
+    ids: torch.Tensor  # distinct, in owner order (first appearance within an owner's)
     inverse: torch.Tensor  # batch position -> index into ids
 
 
@@ -69,40 +70,30 @@ def input_dist(
     if error is not None:  # take part with no ids, so that every rank learns of it and raises
         hooks = [None] * len(tables)
         flat = [torch.empty(0, dtype=torch.int64, device=table.device) for table in tables]
-    uniques = _unique_once_per_tensor(ids, flat)
+    uniques = _grouped_once_per_tensor(ids, flat, tables[0].world_size)
     modes = [_mode(table, hook) for table, hook in zip(tables, hooks)]
-    routing, sorted_ids = route([unique for unique, _ in uniques], group, error, flags=modes)
+    routing = route_grouped([counts for _, _, counts in uniques], group, error, flags=modes)
     _require_same_modes(tables, routing)
-    requests, reordered = [], {}
-    for t, (table, (_, inverse)) in enumerate(zip(tables, uniques)):
-        order = routing.orders[t]
-        if order is not None:  # batch entries read the sorted position of their id (once per distinct input)
-            if id(inverse) not in reordered:
-                reordered[id(inverse)] = _reordered(inverse, order)
-            inverse = reordered[id(inverse)]
-        requests.append(_Request(table, ids[t].shape, sorted_ids[t], inverse))
-    return routing, requests, routing.forward(sorted_ids)
+    requests = [
+        _Request(table, table_ids.shape, unique, inverse)
+        for table, table_ids, (unique, inverse, _) in zip(tables, ids, uniques)
+    ]
+    return routing, requests, routing.forward([request.ids for request in requests])
 
 
-def _reordered(inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``inverse`` (batch position -> distinct id) pointing at the ids' places after ``order`` sorted them."""
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=order.device)
-    return position.index_select(0, inverse)
-
-
-def _unique_once_per_tensor(
-    given: Sequence[torch.Tensor], flat: list[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``torch.unique(flat[t], return_inverse=True)`` of each table, made once for tables given the
-    same tensor object (equal ids: several tables looked up with one input), and shared."""
-    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    uniques = []
+def _grouped_once_per_tensor(
+    given: Sequence[torch.Tensor], flat: list[torch.Tensor], world_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each table's distinct ids in owner order, the inverse index and the per-rank counts
+    (``recis.ops.unique_by_owner``), made once for tables given the same tensor object (equal
+    ids: several tables looked up with one input), and shared."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    grouped = []
     for table_given, table_flat in zip(given, flat):
         if id(table_given) not in done:
-            done[id(table_given)] = torch.unique(table_flat, return_inverse=True)
-        uniques.append(done[id(table_given)])
-    return uniques
+            done[id(table_given)] = unique_by_owner(table_flat, world_size)
+        grouped.append(done[id(table_given)])
+    return grouped
 
 
 def _mode(table: ShardedHashTable, hook: AdmitHook | None) -> int:

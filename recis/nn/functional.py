@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from recis.ops import sum_by_index
+
 GradReceiver = Callable[[torch.Tensor], None]
 
 
@@ -29,10 +31,7 @@ class _RowLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, ...]:
         (inverse,) = ctx.saved_tensors
-        grad_dtype = torch.promote_types(grad_output.dtype, torch.float32)
-        per_unique = torch.zeros((ctx.unique_count, grad_output.shape[1]), dtype=grad_dtype, device=grad_output.device)
-        per_unique.index_add_(0, inverse, grad_output.to(grad_dtype))
-        ctx.receive(per_unique)
+        ctx.receive(sum_by_index(inverse, grad_output, ctx.unique_count))
         return None, None, None, None
 
 

@@ -5,6 +5,7 @@ owners once per forward and once per optimizer step, however many tables read it
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 
 import pytest
@@ -16,6 +17,8 @@ import recis.nn.modules.embedding_engine
 from recis.dist import ShardedOptimizer
 from recis.nn import EmbeddingEngine, EmbeddingOption
 from recis.optim import SparseAdamW
+
+SHARDED_LOOKUP = importlib.import_module("recis.dist.sharded_lookup")  # recis.dist.sharded_lookup is also a function
 
 BATCH = 12
 STEPS = 3
@@ -80,7 +83,7 @@ def _train(rank: int, world_size: int, shared: bool) -> dict:
         batch = _batch(step)
         with (
             _counting(recis.nn.modules.embedding_engine, "as_bags") as bags,
-            _counting(recis.dist.exchange, "owner_rank") as routed_forward,
+            _counting(SHARDED_LOOKUP, "unique_by_owner") as routed_forward,
         ):
             out = engine(_samples(batch, part, shared))
         score = sum(value.reshape(local, -1).sum(dim=1) for value in out.values())
