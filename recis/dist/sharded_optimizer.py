@@ -47,7 +47,7 @@ from recis.dist.lookup_union import LookupUnion
 from recis.dist.partition import owner_rank
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.nn.modules.hashtable import HashTable
-from recis.ops import coalesce_rows, coalesce_rows_in_order, mix64
+from recis.ops import coalesce_rows, mix64
 from recis.optim.sparse_optimizer import SparseOptimizer
 
 
@@ -313,7 +313,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     rows, grad = rows[has_row], grad[has_row]
                     grad_sq = None if grad_sq is None else grad_sq[has_row]
                 if gradient.repeats:
-                    rows, grad = coalesce_rows_in_order(rows, grad)
+                    rows, grad = coalesce_rows(rows, grad)
             workers = self.world_size if route_.source.grad_reduce_by == "worker" else 1  # RecIS's meaning
             self.optimizer.apply_gradient(route_.target, rows, grad, workers=workers, grad_sq=grad_sq)
 

@@ -27,14 +27,6 @@ def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor
     return (native_kernels if native else coalesce).coalesce_rows(rows, grads)
 
 
-def coalesce_rows_in_order(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``coalesce_rows`` with the distinct rows in order of first appearance instead of ascending:
-    one hashing pass (``unique_by_owner`` of a world of one) and ``sum_by_index``, no sort. Each
-    row's sum adds its gradients in input order, as ``coalesce_rows`` does: the sums are equal."""
-    distinct, inverse, _ = unique_by_owner(rows, 1)
-    return distinct, sum_by_index(inverse, grads, distinct.numel())
-
-
 def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
     """``zeros(count, dim).index_add_(0, index, values)`` in float32 or wider: the per-row sums of a
     gathered tensor's gradient (``recis.ops.coalesce.sum_by_index``)."""

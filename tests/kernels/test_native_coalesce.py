@@ -6,7 +6,7 @@ import pytest
 import torch
 from native_support import require_native
 
-from recis.ops import coalesce, coalesce_rows_in_order, native_kernels, use_backend
+from recis.ops import coalesce, native_kernels
 
 require_native()
 
@@ -74,20 +74,3 @@ def test_sum_by_index_of_no_values_is_zero_rows():
 def test_sum_by_index_rejects_an_index_outside_the_count(bad_index):
     with pytest.raises(RuntimeError, match=r"index out of range \[0, 4\)"):
         native_kernels.sum_by_index(torch.tensor(bad_index), torch.ones(2, 3), 4)
-
-
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_coalesce_rows_in_order_keeps_first_appearance_order_and_the_same_sums(backend):
-    generator = torch.Generator().manual_seed(5)
-    rows = torch.cat([torch.randperm(500, generator=generator)[:300], torch.randperm(500, generator=generator)[:300]])
-    grads = torch.randn(rows.numel(), 6, generator=generator)
-    with use_backend(backend):
-        distinct, sums = coalesce_rows_in_order(rows, grads)
-    first_seen = {}
-    for position, row in enumerate(rows.tolist()):
-        first_seen.setdefault(row, position)
-    assert distinct.tolist() == sorted(first_seen, key=first_seen.get)
-    ascending_rows, ascending_sums = coalesce.coalesce_rows(rows, grads)
-    order = distinct.argsort()
-    assert torch.equal(distinct[order], ascending_rows)
-    assert torch.equal(sums[order], ascending_sums)  # the same additions in the same order
