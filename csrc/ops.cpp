@@ -9,7 +9,7 @@ TORCH_LIBRARY(recis, m) {
   m.def(
       "sparse_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
       "Tensor(d!)? row_steps, float lr, float beta1, float beta2, float eps, float weight_decay, int decay, "
-      "int epsilon, bool maximize, int step) -> ()");
+      "int epsilon, bool maximize, int step, float grad_divisor) -> ()");
   m.def("coalesce_rows(Tensor rows, Tensor grads) -> (Tensor, Tensor)");
   // CPU only, as id_map_drop_tombstones: on CUDA the torch kernels run (recis/ops/backend.py)
   m.def("sum_by_index(Tensor index, Tensor values, int count) -> Tensor");

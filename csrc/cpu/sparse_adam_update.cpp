@@ -8,7 +8,9 @@
 // table cost a TLB miss each, ascending ones are a sweep (26 vs 14-17 ms for 65,536 rows of
 // a 1M x 64 table); every row is updated on its own, so the order changes no result. Rows
 // and slots of any floating dtype (float32, float64, bfloat16, float16) are widened to
-// C and rounded back once, as the torch kernel's .to() does.
+// C and rounded back once, as the torch kernel's .to() does. With grad_divisor != 1 each
+// gradient row is divided by it first, in C (the mean over workers or accumulation steps),
+// so that the caller need not write a divided copy of the whole gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -65,12 +67,13 @@ struct WideRow {
 // W: the rows' dtype, S: the slots' dtype, C: the compute type.
 template <typename W, typename S, typename C>
 void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, const int64_t* order, int64_t count,
-                 const C* grad, int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
+                 const C* grad, C grad_divisor, int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
   const AdamScalars<C> s = adam_scalars<C>(hyper);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     WideRow<W, C> theta(dim);
     WideRow<S, C> m(dim), v(dim);
+    std::vector<C> quotient(grad_divisor == C(1) ? 0 : dim);
     for (int64_t k = begin; k < end; ++k) {
       if (k + kPrefetchDistance < end) {
         const int64_t ahead = rows[order[k + kPrefetchDistance]];
@@ -86,14 +89,19 @@ void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, cons
         step = row_step<C>(hyper.lr, hyper.beta1, hyper.beta2, s.corrected, t);
       }
       const RowStep<C>* per_row = row_steps != nullptr ? &step : nullptr;
+      const C* g = grad + u * dim;
+      if (!quotient.empty()) {
+        for (int64_t j = 0; j < dim; ++j) quotient[j] = g[j] / grad_divisor;
+        g = quotient.data();
+      }
       W* w_row = weight + r * dim;
       S* m_row = exp_avg + r * dim;
       S* v_row = exp_avg_sq + r * dim;
       if constexpr (std::is_same_v<W, C> && std::is_same_v<S, C>) {  // the common case: no widening at all
-        update_row<C>(w_row, m_row, v_row, grad + u * dim, dim, s, per_row);
+        update_row<C>(w_row, m_row, v_row, g, dim, s, per_row);
         continue;
       }
-      update_row<C>(theta.load(w_row, dim), m.load(m_row, dim), v.load(v_row, dim), grad + u * dim, dim, s, per_row);
+      update_row<C>(theta.load(w_row, dim), m.load(m_row, dim), v.load(v_row, dim), g, dim, s, per_row);
       theta.store(w_row, dim);
       m.store(m_row, dim);
       v.store(v_row, dim);
@@ -123,8 +131,9 @@ void check_inputs(const at::Tensor& weight, const at::Tensor& exp_avg, const at:
 void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
                         const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr,
                         double beta1, double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon,
-                        bool maximize, int64_t step) {
+                        bool maximize, int64_t step, double grad_divisor) {
   check_inputs(weight, exp_avg, exp_avg_sq, rows, grad, row_steps);
+  TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
   int64_t* steps = row_steps.has_value() ? row_steps->data_ptr<int64_t>() : nullptr;
@@ -136,7 +145,7 @@ void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_av
       using C = std::conditional_t<std::is_same_v<W, double> || std::is_same_v<S, double>, double, float>;
       update_rows<W, S, C>(weight.data_ptr<W>(), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
                            rows.data_ptr<int64_t>(), ascending.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(),
-                           weight.size(1), steps, hyper);
+                           static_cast<C>(grad_divisor), weight.size(1), steps, hyper);
     });
   });
 }

@@ -54,10 +54,16 @@ RowType row_type_of(const at::Tensor& weight) {
   }
 }
 
+// The kernel takes the final gradient: a divisor (mean over workers) is applied by torch first.
+at::Tensor divided(const at::Tensor& grad, double grad_divisor) {
+  TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
+  return grad_divisor == 1.0 ? grad : grad / grad_divisor;
+}
+
 void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
                            const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr, double beta1,
                            double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon,
-                           bool maximize, int64_t step) {
+                           bool maximize, int64_t step, double grad_divisor) {
   constexpr const char* op = "CUDA sparse_adam_update";
   const c10::cuda::CUDAGuard guard(weight.device());
   check_on(op, weight, {&weight, &exp_avg, &exp_avg_sq, &rows, &grad});
@@ -80,7 +86,8 @@ void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
   check(recis::cuda::sparse_adam_update(weight.data_ptr(), row_type_of(weight), exp_avg.data_ptr<float>(),
                                         exp_avg_sq.data_ptr<float>(), rows.data_ptr<int64_t>(), rows.numel(),
-                                        grad.data_ptr<float>(), weight.size(1), steps, hyper, stream()),
+                                        divided(grad, grad_divisor).data_ptr<float>(), weight.size(1), steps, hyper,
+                                        stream()),
         "sparse_adam_update");
 }
 

@@ -64,14 +64,15 @@ def sparse_adam_update(
     maximize: bool,
     step: int,
     row_steps: torch.Tensor | None = None,
+    grad_divisor: float = 1.0,
 ) -> None:
-    """One fused Adam-family update of ``rows`` of ``weight`` and its two slots, in place
-    (the formulas: ``recis.ops.sparse_adam_update``)."""
+    """One fused Adam-family update of ``rows`` of ``weight`` and its two slots, in place, with the
+    gradient ``grad / grad_divisor`` (the formulas: ``recis.ops.sparse_adam_update``)."""
     native = choose_backend(weight.device, "sparse_adam_update") == "native"
     kernel = native_kernels.sparse_adam_update if native else torch_sparse_adam_update
     kernel(
         weight, exp_avg, exp_avg_sq, rows, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decay=decay, epsilon=epsilon, maximize=maximize, step=step, row_steps=row_steps,
+        decay=decay, epsilon=epsilon, maximize=maximize, step=step, row_steps=row_steps, grad_divisor=grad_divisor,
     )  # fmt: skip
 
 

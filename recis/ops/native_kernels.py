@@ -85,6 +85,7 @@ def sparse_adam_update(
     *,
     step: int,
     row_steps: torch.Tensor | None = None,
+    grad_divisor: float = 1.0,
     **hyper,
 ) -> None:
     """Native ``recis.ops.sparse_adam_update.sparse_adam_update`` (same arguments)."""
@@ -96,6 +97,7 @@ def sparse_adam_update(
         weight, exp_avg, exp_avg_sq, rows.contiguous(), grad, row_steps,
         hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
         DECAY_CODES[hyper["decay"]], EPSILON_CODES[hyper["epsilon"]], hyper["maximize"], int(step),
+        float(grad_divisor),
     )  # fmt: skip
 
 

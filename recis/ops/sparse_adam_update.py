@@ -53,13 +53,18 @@ def sparse_adam_update(
     maximize: bool,
     step: int,
     row_steps: torch.Tensor | None = None,
+    grad_divisor: float = 1.0,
 ) -> None:
-    """Apply one Adam-family update in place to ``rows`` of ``weight`` and its two slots."""
+    """Apply one Adam-family update in place to ``rows`` of ``weight`` and its two slots, with the
+    gradient ``grad / grad_divisor`` (divided in the compute dtype; the divisor averages over
+    workers or accumulation steps)."""
     compute_dtype = torch.promote_types(torch.promote_types(exp_avg.dtype, weight.dtype), torch.float32)
     theta = weight.index_select(0, rows).to(compute_dtype)
     m = exp_avg.index_select(0, rows).to(compute_dtype)
     v = exp_avg_sq.index_select(0, rows).to(compute_dtype)
     g = grad.to(compute_dtype)
+    if grad_divisor != 1:
+        g = g / grad_divisor
     if maximize:
         g = -g
 

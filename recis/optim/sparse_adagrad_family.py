@@ -136,7 +136,10 @@ class SparseAdagradFamily(SparseOptimizer):
         group: dict[str, Any],
         step: int,
         grad_sq: torch.Tensor | None = None,
+        grad_divisor: int = 1,
     ) -> None:
+        if grad_divisor != 1:
+            grad = grad / grad_divisor
         if self.takes_grad_sq and grad_sq is None:
             grad_sq = grad * grad
         recorded = self._update_info.due(step) and rows.numel() > 0

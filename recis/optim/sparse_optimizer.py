@@ -340,9 +340,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         if grad_sq is not None and not self.takes_grad_sq:
             raise TypeError(f"{type(self).__name__} takes no grad_sq (only the Adagrad 'Sum' variants do)")
         scale = self._grad_accum_steps * workers
-        if scale > 1:
-            grad = grad / scale
-            grad_sq = None if grad_sq is None else grad_sq / scale**2
+        if scale > 1 and grad_sq is not None:
+            grad_sq = grad_sq / scale**2
         state = self._table_state(table)
         if group["skip_nonfinite"]:
             finite = torch.isfinite(grad).all(dim=1)
@@ -352,7 +351,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             rows, grad = rows[finite], grad[finite]
             grad_sq = None if grad_sq is None else grad_sq[finite]
         state["step"] += 1
-        self.update_rows(table, rows, grad, group, state["step"], grad_sq)
+        self.update_rows(table, rows, grad, group, state["step"], grad_sq, grad_divisor=scale)
 
     def update_rows(
         self,
@@ -362,10 +361,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         group: dict[str, Any],
         step: int,
         grad_sq: torch.Tensor | None = None,
+        grad_divisor: int = 1,
     ) -> None:
-        """The formula: one fused update of ``table``'s distinct ``rows`` with their final gradient,
-        ``step`` being the table's step count including this update. Here the Adam family's
-        (``recis.ops.sparse_adam_update``); ``grad_sq`` is for the optimizers that take it."""
+        """The formula: one fused update of ``table``'s distinct ``rows`` with their final gradient
+        ``grad / grad_divisor``, ``step`` being the table's step count including this update. Here
+        the Adam family's (``recis.ops.sparse_adam_update``, which divides row by row as it
+        updates); ``grad_sq`` is for the optimizers that take it, already divided."""
         beta1, beta2 = group["betas"]
         sparse_adam_update(
             table.weight,
@@ -383,6 +384,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             maximize=group["maximize"],
             step=step,
             row_steps=table.slot(ROW_STEP) if group["bias_correction"] == "row" else None,
+            grad_divisor=grad_divisor,
         )
 
     def _table_state(self, table: HashTable) -> dict[str, Any]:

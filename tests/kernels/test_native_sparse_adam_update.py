@@ -42,8 +42,10 @@ def _run_steps(update, tensors, *, steps: int, touched: int, dim: int, per_row: 
         )  # fmt: skip
 
 
-def _compare(dtype, state_dtype, decay, epsilon, *, per_row=False, maximize=False, dim=37, beta1=0.9, touched=40):
-    options = dict(decay=decay, epsilon=epsilon, maximize=maximize, beta1=beta1)
+def _compare(
+    dtype, state_dtype, decay, epsilon, *, per_row=False, maximize=False, dim=37, beta1=0.9, touched=40, divisor=1.0
+):
+    options = dict(decay=decay, epsilon=epsilon, maximize=maximize, beta1=beta1, grad_divisor=divisor)
     native = _table(64, dim, dtype, state_dtype, seed=1)
     reference = [t.clone() for t in native]
     kwargs = dict(steps=4, touched=touched, dim=dim, per_row=per_row, seed=2, **options)
@@ -78,6 +80,26 @@ def test_row_widths_around_the_vector_width_match(dim):
 def test_maximize_and_a_beta1_below_one_half_match():
     # beta1 < 0.5 takes the other branch of torch's lerp.
     _compare(torch.float32, torch.float32, WeightDecay.L2, EpsilonPlacement.UNCORRECTED, maximize=True, beta1=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("divisor", [2.0, 3.0])
+def test_a_gradient_divisor_matches_the_torch_kernel_dividing_first(dtype, divisor):
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    _compare(dtype, state_dtype, WeightDecay.DECOUPLED, EpsilonPlacement.CORRECTED, per_row=True, divisor=divisor)
+
+
+def test_a_gradient_divisor_of_three_is_the_update_of_the_divided_gradient():
+    divided, reference = (
+        _table(64, 9, torch.float32, torch.float32, seed=8),
+        _table(64, 9, torch.float32, torch.float32, seed=8),
+    )
+    rows, grad = torch.tensor([5, 0, 63, 17]), torch.randn(4, 9, generator=torch.Generator().manual_seed(9))
+    options = dict(decay=WeightDecay.DECOUPLED, epsilon=EpsilonPlacement.CORRECTED, maximize=False, **HYPER)
+    native_kernels.sparse_adam_update(*divided[:3], rows, grad, step=1, grad_divisor=3.0, **options)
+    native_kernels.sparse_adam_update(*reference[:3], rows, grad / 3, step=1, **options)
+    for a, b in zip(divided, reference):
+        assert torch.equal(a, b)
 
 
 def test_empty_gradient_changes_nothing():
