@@ -3,10 +3,7 @@
 // One pass over the touched rows reads the row, its exp_avg and exp_avg_sq once, does
 // the math of common/adam_rule.h in the compute type C (float, or double when the rows
 // or the slots are float64: never narrower than float32) and writes the three back
-// once. rows are distinct; grad[u] is the (coalesced) gradient of rows[u], in C. The rows
-// are visited in ascending order (row_segments, a radix sort): scattered rows of a large
-// table cost a TLB miss each, ascending ones are a sweep (26 vs 14-17 ms for 65,536 rows of
-// a 1M x 64 table); every row is updated on its own, so the order changes no result. Rows
+// once. rows are distinct; grad[u] is the (coalesced) gradient of rows[u], in C. Rows
 // and slots of any floating dtype (float32, float64, bfloat16, float16) are widened to
 // C and rounded back once, as the torch kernel's .to() does. With grad_divisor != 1 each
 // gradient row is divided by it first, in C (the mean over workers or accumulation steps),
@@ -22,7 +19,6 @@
 
 #include "../common/adam_rule.h"
 #include "adam_span_avx2.h"
-#include "row_segments.h"
 #include "vec_math.h"
 
 namespace recis::cpu {
@@ -66,22 +62,21 @@ struct WideRow {
 
 // W: the rows' dtype, S: the slots' dtype, C: the compute type.
 template <typename W, typename S, typename C>
-void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, const int64_t* order, int64_t count,
-                 const C* grad, C grad_divisor, int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
+void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int64_t count, const C* grad,
+                 C grad_divisor, int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
   const AdamScalars<C> s = adam_scalars<C>(hyper);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     WideRow<W, C> theta(dim);
     WideRow<S, C> m(dim), v(dim);
     std::vector<C> quotient(grad_divisor == C(1) ? 0 : dim);
-    for (int64_t k = begin; k < end; ++k) {
-      if (k + kPrefetchDistance < end) {
-        const int64_t ahead = rows[order[k + kPrefetchDistance]];
+    for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchDistance < end) {
+        const int64_t ahead = rows[u + kPrefetchDistance];
         prefetch_row(weight + ahead * dim, dim * sizeof(W));
         prefetch_row(exp_avg + ahead * dim, dim * sizeof(S));
         prefetch_row(exp_avg_sq + ahead * dim, dim * sizeof(S));
       }
-      const int64_t u = order[k];
       const int64_t r = rows[u];
       RowStep<C> step;
       if (row_steps != nullptr) {
@@ -137,15 +132,14 @@ void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_av
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
   int64_t* steps = row_steps.has_value() ? row_steps->data_ptr<int64_t>() : nullptr;
-  const at::Tensor ascending = std::get<2>(row_segments(rows));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, exp_avg.scalar_type(), "recis_sparse_adam_slots", [&] {
     using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "recis_sparse_adam_rows", [&] {
       using W = scalar_t;
       using C = std::conditional_t<std::is_same_v<W, double> || std::is_same_v<S, double>, double, float>;
       update_rows<W, S, C>(weight.data_ptr<W>(), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
-                           rows.data_ptr<int64_t>(), ascending.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(),
-                           static_cast<C>(grad_divisor), weight.size(1), steps, hyper);
+                           rows.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(), static_cast<C>(grad_divisor),
+                           weight.size(1), steps, hyper);
     });
   });
 }
