@@ -15,6 +15,7 @@ collective.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,8 +129,9 @@ def _by_rank(
     return own, pieces, send_split
 
 
-class _Workspace:
-    """Send and receive buffers kept from one exchange to the next (up to ``KEPT_BYTES`` each).
+class _Workspace(threading.local):
+    """Send and receive buffers kept from one exchange to the next (up to ``KEPT_BYTES`` each),
+    per thread, so that exchanges made from two threads never share a buffer.
 
     A training step exchanges tens of MB; in freshly allocated memory every 4 KiB page
     faults on first touch, which costs more than the copy itself (a third of a CPU step

@@ -4,6 +4,7 @@ stay valid after the next exchange reuses its buffers."""
 
 from __future__ import annotations
 
+import threading
 from unittest import mock
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
 
-from recis.dist.exchange import exchange
+from recis.dist.exchange import _workspace, exchange
 
 DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.uint8)
 WIDTHS = (3, 1, 5, 7)  # odd widths and counts: blocks start at offsets unaligned for the next dtype
@@ -75,3 +76,17 @@ def test_every_rank_receives_the_rows_sent_to_it_and_results_outlive_the_next_ex
         assert outcome["unchanged"]  # the second exchange reused the buffers, not the results
         splits, expected = outcome["splits"]
         assert splits == expected  # one collective; this rank's own rows never enter it
+
+
+def test_buffers_are_kept_per_thread_and_large_ones_are_not_kept():
+    cpu = torch.device("cpu")
+    first = _workspace.buffer("send", 64, cpu)
+    assert _workspace.buffer("send", 32, cpu).data_ptr() == first.data_ptr()  # reused, no new pages
+    other_thread = []
+    worker = threading.Thread(target=lambda: other_thread.append(_workspace.buffer("send", 64, cpu).data_ptr()))
+    worker.start()
+    worker.join()
+    assert other_thread[0] != first.data_ptr()
+    large = _workspace.KEPT_BYTES + 1
+    one, another = _workspace.buffer("receive", large, cpu), _workspace.buffer("receive", large, cpu)
+    assert one.data_ptr() != another.data_ptr()  # both alive: a kept buffer would be the same one
