@@ -82,12 +82,12 @@ void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp
                 ": row_steps must be int64, one per row");
     steps = row_steps->data_ptr<int64_t>();
   }
+  const at::Tensor final_grad = divided(grad, grad_divisor);  // held until the launch is queued
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
   check(recis::cuda::sparse_adam_update(weight.data_ptr(), row_type_of(weight), exp_avg.data_ptr<float>(),
                                         exp_avg_sq.data_ptr<float>(), rows.data_ptr<int64_t>(), rows.numel(),
-                                        divided(grad, grad_divisor).data_ptr<float>(), weight.size(1), steps, hyper,
-                                        stream()),
+                                        final_grad.data_ptr<float>(), weight.size(1), steps, hyper, stream()),
         "sparse_adam_update");
 }
 
