@@ -10,7 +10,9 @@ TORCH_LIBRARY(recis, m) {
       "sparse_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
       "Tensor(d!)? row_steps, float lr, float beta1, float beta2, float eps, float weight_decay, int decay, "
       "int epsilon, bool maximize, int step, float grad_divisor) -> ()");
-  m.def("coalesce_rows(Tensor rows, Tensor grads) -> (Tensor, Tensor)");
+  // grads: the rows of their pieces' concatenation (one piece on CUDA)
+  m.def("coalesce_rows(Tensor rows, Tensor[] grads) -> (Tensor, Tensor)");
+  m.def("gather_rows(Tensor[] pieces, Tensor index) -> Tensor");  // CPU only
   // CPU only, as id_map_drop_tombstones: on CUDA the torch kernels run (recis/ops/backend.py)
   m.def("sum_by_index(Tensor index, Tensor values, int count) -> Tensor");
   m.def("owner_rank(Tensor ids, int world_size) -> Tensor");

@@ -3,6 +3,7 @@
 // coalesce_rows: summed[u] = sum over k in segment u of grads[order[k]], with the
 // segments of row_segments (radix grouping, no comparison sort), added in input order
 // as torch's index_add_ adds them. Returns the distinct rows ascending and the sums.
+// The gradients may come in pieces (what each rank sent), read as their concatenation.
 // sum_by_index: sums[u] = sum of values[i] over index[i] == u, u < count, added in input
 // order: zeros(count, dim).index_add_(0, index, values) in one pass.
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 
 #include <tuple>
 
+#include "row_pieces.h"
 #include "row_segments.h"
 
 namespace recis::cpu {
@@ -25,26 +27,28 @@ inline void add_row(const C* row, int64_t dim, C* sum) {
 }
 
 template <typename C>
-void sum_segments(const C* grads, const int64_t* offsets, const int64_t* order, int64_t unique, int64_t dim, C* out) {
+void sum_segments(const RowPieces& grads, const int64_t* offsets, const int64_t* order, int64_t unique, C* out) {
+  const int64_t dim = grads.width();
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, unique, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       C* sum = out + u * dim;
-      const C* first = grads + order[offsets[u]] * dim;
+      const C* first = grads.row_as<C>(order[offsets[u]]);
       std::copy(first, first + dim, sum);
-      for (int64_t k = offsets[u] + 1; k < offsets[u + 1]; ++k) add_row(grads + order[k] * dim, dim, sum);
+      for (int64_t k = offsets[u] + 1; k < offsets[u + 1]; ++k) add_row(grads.row_as<C>(order[k]), dim, sum);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& rows, const at::Tensor& grads_in) {
-  TORCH_CHECK(grads_in.dim() == 2 && grads_in.size(0) == rows.numel(), "grads must be (len(rows), dim)");
-  const at::Tensor grads = grads_in.contiguous();
+std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& rows, at::TensorList grad_pieces) {
+  const RowPieces grads(grad_pieces, "coalesce_rows");
+  TORCH_CHECK(grads.rows() == rows.numel(), "coalesce_rows: grads must be (len(rows), dim), got ", grads.rows(),
+              " rows for ", rows.numel());
   auto [unique_rows, offsets, order] = row_segments(rows);
-  at::Tensor summed = at::empty({unique_rows.numel(), grads.size(1)}, grads.options());
-  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "recis_coalesce_rows", [&] {
-    sum_segments<scalar_t>(grads.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-                           unique_rows.numel(), grads.size(1), summed.data_ptr<scalar_t>());
+  at::Tensor summed = at::empty({unique_rows.numel(), grads.width()}, grads.options());
+  AT_DISPATCH_FLOATING_TYPES(summed.scalar_type(), "recis_coalesce_rows", [&] {
+    sum_segments<scalar_t>(grads, offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(), unique_rows.numel(),
+                           summed.data_ptr<scalar_t>());
   });
   return {unique_rows, summed};
 }

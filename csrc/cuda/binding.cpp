@@ -91,8 +91,10 @@ void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp
         "sparse_adam_update");
 }
 
-std::tuple<at::Tensor, at::Tensor> coalesce_rows_op(const at::Tensor& rows_in, const at::Tensor& grads_in) {
+std::tuple<at::Tensor, at::Tensor> coalesce_rows_op(const at::Tensor& rows_in, at::TensorList grad_pieces) {
   constexpr const char* op = "CUDA coalesce_rows";
+  TORCH_CHECK(grad_pieces.size() == 1, op, ": one piece of gradients (recis/ops/native_kernels.py joins them)");
+  const at::Tensor& grads_in = grad_pieces[0];
   const c10::cuda::CUDAGuard guard(rows_in.device());
   check_int64_vector(op, "rows", rows_in);
   TORCH_CHECK(grads_in.scalar_type() == at::kFloat, op, ": float32 gradients");

@@ -89,9 +89,25 @@ def exchange(
     the rows from rank 0 first, then rank 1, ..., with the sent block's dtype and row shape.
     This rank's own rows do not pass through the collective: they are taken from the block.
     """
-    world_size, rank = group_size_and_rank(group)
+    world_size, _ = group_size_and_rank(group)
     if world_size == 1:
         return list(blocks)
+    return [torch.cat(pieces) for pieces in exchange_pieces(blocks, send_counts, recv_counts, group)]
+
+
+def exchange_pieces(
+    blocks: Sequence[torch.Tensor],
+    send_counts: list[list[int]],
+    recv_counts: list[list[int]],
+    group: dist.ProcessGroup | None,
+) -> list[list[torch.Tensor]]:
+    """``exchange`` without joining what arrives: each block as one piece per rank, rank 0 first
+    (``recis.ops.row_pieces``). This rank's piece is a view of the block it sent; the others are
+    views of a buffer that the next exchange of this thread overwrites: read them before it.
+    """
+    world_size, rank = group_size_and_rank(group)
+    if world_size == 1:
+        return [[block] for block in blocks]
     row_bytes = [_row_bytes(block) for block in blocks]
     own, pieces, send_split = _by_rank(blocks, row_bytes, send_counts, rank)
     recv_split = [
@@ -104,7 +120,7 @@ def exchange(
     received = _workspace.buffer("receive", sum(recv_split), blocks[0].device)
     dist.all_to_all_single(received, payload, recv_split, send_split, group=group)
     traffic.bytes_sent += sum(send_split)
-    return _unpack(received, blocks, row_bytes, recv_counts, own=(rank, own))
+    return _received_pieces(received, blocks, row_bytes, recv_counts, rank, own)
 
 
 def _by_rank(
@@ -135,7 +151,7 @@ class _Workspace(threading.local):
 
     A training step exchanges tens of MB; in freshly allocated memory every 4 KiB page
     faults on first touch, which costs more than the copy itself (a third of a CPU step
-    of 26 tables on 2 ranks). Results never alias these buffers: ``_unpack`` copies out.
+    of 26 tables on 2 ranks). Only ``exchange_pieces`` hands out views of them.
     """
 
     KEPT_BYTES = 128 * 2**20
@@ -157,20 +173,19 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
-def _unpack(
+def _byte_pieces(
     received: torch.Tensor,
-    like: Sequence[torch.Tensor],
+    blocks: int,
     row_bytes: list[int],
     counts: list[list[int]],
     own: tuple[int, list[torch.Tensor]] | None = None,
-) -> list[torch.Tensor]:
-    """Split bytes laid out rank by rank, block by block, into one new tensor per block.
+) -> list[list[torch.Tensor]]:
+    """Bytes laid out rank by rank, block by block, cut into each block's piece from each rank.
 
     With ``own = (rank, pieces)``, that rank's rows are not in ``received`` but in ``pieces``
-    (one per block). Without it a block that lies whole at the start of ``received`` is
-    returned as a view of it.
+    (one per block).
     """
-    parts: list[list[torch.Tensor]] = [[] for _ in like]
+    parts: list[list[torch.Tensor]] = [[] for _ in range(blocks)]
     offset = 0
     for r, per_rank in enumerate(counts):
         for b, count in enumerate(per_rank):
@@ -180,17 +195,42 @@ def _unpack(
             length = count * row_bytes[b]
             parts[b].append(received[offset : offset + length])
             offset += length
-    may_alias = own is None
+    return parts
+
+
+def _typed(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bytes as rows of ``like``'s dtype and row shape; a piece not aligned for that dtype is copied first."""
+    if piece.storage_offset() % like.element_size():
+        piece = piece.clone()
+    return piece.view(like.dtype).reshape(-1, *like.shape[1:])
+
+
+def _received_pieces(
+    received: torch.Tensor,
+    like: Sequence[torch.Tensor],
+    row_bytes: list[int],
+    counts: list[list[int]],
+    rank: int,
+    own: list[torch.Tensor],
+) -> list[list[torch.Tensor]]:
+    parts = _byte_pieces(received, len(like), row_bytes, counts, (rank, own))
+    return [[_typed(piece, block) for piece in pieces] for block, pieces in zip(like, parts)]
+
+
+def _unpack(
+    received: torch.Tensor, like: Sequence[torch.Tensor], row_bytes: list[int], counts: list[list[int]]
+) -> list[torch.Tensor]:
+    """Split bytes laid out rank by rank, block by block, into one tensor per block (a view of
+    ``received`` when the block lies whole at its start, else a copy, which starts at offset 0 and so
+    is aligned for any dtype)."""
     return [
-        _joined(pieces, may_alias).view(block.dtype).reshape(-1, *block.shape[1:]) for block, pieces in zip(like, parts)
+        _joined_bytes(pieces).view(block.dtype).reshape(-1, *block.shape[1:])
+        for block, pieces in zip(like, _byte_pieces(received, len(like), row_bytes, counts))
     ]
 
 
-def _joined(pieces: list[torch.Tensor], may_alias: bool) -> torch.Tensor:
-    """The pieces as one tensor: a copy, or with ``may_alias`` a view when they lie end to end from
-    offset 0 of one buffer. A copy starts at offset 0, so viewing it as a wider dtype is always aligned.
-    """
-    if may_alias and pieces[0].storage_offset() == 0:
+def _joined_bytes(pieces: list[torch.Tensor]) -> torch.Tensor:
+    if pieces[0].storage_offset() == 0:
         if all(b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(pieces, pieces[1:])):
             return pieces[0].as_strided((sum(piece.numel() for piece in pieces),), (1,), 0)
     return torch.cat(pieces)
@@ -230,9 +270,21 @@ class Routing:
             blocks, _tiled(self.send_counts, len(blocks)), _tiled(self.recv_counts, len(blocks)), self.group
         )
 
+    def forward_pieces(self, blocks: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``forward``, each block received in pieces (see ``exchange_pieces``: valid until the next exchange)."""
+        return exchange_pieces(
+            blocks, _tiled(self.send_counts, len(blocks)), _tiled(self.recv_counts, len(blocks)), self.group
+        )
+
     def backward(self, answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Return the owners' per-received-id answers (blocks as in ``forward``) to the ranks that asked."""
         return exchange(
+            answers, _tiled(self.recv_counts, len(answers)), _tiled(self.send_counts, len(answers)), self.group
+        )
+
+    def backward_pieces(self, answers: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``backward``, each block received in pieces (see ``exchange_pieces``: valid until the next exchange)."""
+        return exchange_pieces(
             answers, _tiled(self.recv_counts, len(answers)), _tiled(self.send_counts, len(answers)), self.group
         )
 

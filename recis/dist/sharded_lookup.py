@@ -156,14 +156,18 @@ def _raise_on_every_rank_if_refused(refusal: ValueError | None, table: ShardedHa
 
 
 def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Bring the rows back and expand each table's to its batch: ``ids.shape + embedding_shape``."""
-    rows = routing.backward(answers)
+    """Bring the rows back and expand each table's to its batch: ``ids.shape + embedding_shape``.
+
+    Each table's rows are read where they arrived, one piece per rank (``Routing.backward_pieces``).
+    """
+    rows = routing.backward_pieces(answers)
     outputs = []
     for request, table_rows in zip(requests, rows):
         table = request.table
         present = None
-        if table_rows.shape[1] > table.embedding_dim:  # the lookup may miss: presence flags came back
-            table_rows, present = table_rows[:, :-1], table_rows[:, -1] > 0.5
+        if table_rows[0].shape[1] > table.embedding_dim:  # the lookup may miss: presence flags came back
+            flagged = torch.cat(table_rows)
+            table_rows, present = flagged[:, :-1], flagged[:, -1] > 0.5
         receiver = table.gradient_receiver(request.ids, present)
         expanded = table.differentiable(table_rows, request.inverse, receiver)
         outputs.append(expanded.reshape(*request.shape, *table.embedding_shape))

@@ -48,6 +48,7 @@ from recis.dist.partition import owner_rank
 from recis.dist.sharded_hashtable import ShardedHashTable
 from recis.nn.modules.hashtable import HashTable
 from recis.ops import coalesce_rows, mix64
+from recis.ops.row_pieces import RowsOrPieces, joined
 from recis.optim.sparse_optimizer import SparseOptimizer
 
 
@@ -70,10 +71,11 @@ class _Route:
 @dataclass
 class _OwnedGradient:
     """What the owners received for one table: ids and gradient rows, an id repeated when
-    several ranks sent it (``repeats``)."""
+    several ranks sent it (``repeats``). The rows may be the pieces the ranks sent, read where
+    they arrived (``recis.ops.row_pieces``): valid until the next exchange."""
 
     ids: torch.Tensor
-    grad: torch.Tensor
+    grad: RowsOrPieces
     repeats: bool
 
 
@@ -273,8 +275,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         raises, and nothing changes: the gradients stay where they are.
 
         Returns, per table, the ids this rank owns and their gradient rows as the ranks sent
-        them (an id repeats when several ranks sent it), or None when no rank had a gradient
-        for the table (then its step count stays). Consumes the local gradients.
+        them (an id repeats when several ranks sent it; the rows in pieces, valid until the next
+        exchange), or None when no rank had a gradient for the table (then its step count stays).
+        Consumes the local gradients.
         """
         local = [route_.source.grad_by_id() for route_ in self._routes]
         ids = [self._no_ids(route_) if g is None else g[0] for route_, g in zip(self._routes, local)]
@@ -284,14 +287,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             routing.by_owner(t, self._no_grad(route_) if g is None else g[1].to(_grad_dtype(route_.source)))
             for t, (route_, g) in enumerate(zip(self._routes, local))
         ]
-        received = routing.forward([*sorted_ids, *grads])
+        received = routing.forward_pieces([*sorted_ids, *grads])
         for route_ in self._routes:
             route_.source.clear_grad()
         tables = len(self._routes)
         owned: list[_OwnedGradient | None] = []
         for t in range(tables):
             if any(flags_of_rank[t] for flags_of_rank in routing.received_flags):
-                owned.append(_OwnedGradient(received[t], received[tables + t], repeats=routing.sources(t) > 1))
+                ids_of_table, grad_pieces = torch.cat(received[t]), received[tables + t]
+                owned.append(_OwnedGradient(ids_of_table, grad_pieces, repeats=routing.sources(t) > 1))
             else:
                 owned.append(None)
         return owned
@@ -310,10 +314,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 rows, has_row = route_.target.rows_to_update(gradient.ids)
                 grad = gradient.grad
                 if not bool(has_row.all()):  # ids the owner did not admit get no update
-                    rows, grad = rows[has_row], grad[has_row]
+                    rows, grad = rows[has_row], joined(grad)[has_row]
                     grad_sq = None if grad_sq is None else grad_sq[has_row]
-                if gradient.repeats:
-                    rows, grad = coalesce_rows(rows, grad)
+                rows, grad = coalesce_rows(rows, grad) if gradient.repeats else (rows, joined(grad))
             workers = self.world_size if route_.source.grad_reduce_by == "worker" else 1  # RecIS's meaning
             self.optimizer.apply_gradient(route_.target, rows, grad, workers=workers, grad_sq=grad_sq)
 
@@ -322,7 +325,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """For an optimizer that takes them (the Adagrad Sum variants): the sum over the ranks
         that sent an id of their gradients' squares, aligned with ``gradient.ids`` once this
         sums the gradient per id (in place, as ``_rows_of_replicated`` does)."""
-        grad = gradient.grad
+        grad = joined(gradient.grad)
         if not gradient.repeats:
             return grad * grad
         dim = grad.shape[1]
@@ -339,6 +342,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if gradient.repeats:
             gradient.ids, gradient.grad = coalesce_rows(gradient.ids, gradient.grad)
             gradient.repeats = False
+        gradient.grad = joined(gradient.grad)
         current = route_.source.peek(gradient.ids)
         rows = route_.target.store.find_or_insert(gradient.ids, current)
         route_.target.store.scatter(rows, current)

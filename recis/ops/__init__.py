@@ -4,7 +4,7 @@ Each exported kernel runs, at call time, the backend that ``recis.ops.backend.ch
 names (``RECIS_BACKEND=native|torch|auto``, or ``use_backend``): the native C++/CUDA
 kernels of ``csrc/`` (fronted by ``native_kernels.py`` and ``native_id_map.py``) or the
 vectorized pure-torch kernels (``id_map.py``, ``partition.py``, ``coalesce.py``, ``sparse_adam_update.py``,
-``sparse_adagrad_update.py`` (no native twin: it runs on both backends),
+``gather.py``, ``sparse_adagrad_update.py`` (no native twin: it runs on both backends),
 ``adamw_tf_update.py``), which stay as the reference. ``dispatch.py`` holds the fronts.
 """
 
@@ -13,6 +13,7 @@ from recis.ops.dispatch import (
     IdMap,
     adamw_tf_multi_tensor,
     coalesce_rows,
+    gather_rows,
     owner_rank,
     sparse_adagrad_update_rows,
     sparse_adam_update,
@@ -29,6 +30,7 @@ __all__ = [
     "adamw_tf_multi_tensor",
     "choose_backend",
     "coalesce_rows",
+    "gather_rows",
     "mix64",
     "owner_rank",
     "sparse_adagrad_update_rows",

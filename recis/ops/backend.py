@@ -17,8 +17,9 @@ Some routings are made on purpose, under ``native`` too (``TORCH_KERNELS_UNDER_N
 AdamWTF's multi-tensor update of CUDA tensors runs torch's ``_foreach`` kernels, which
 are fused multi-tensor CUDA kernels already; recis has no CUDA kernel of its own for it.
 The Adagrad updates (element-wise and row-wise) have no native kernel on any device and
-run the torch ones; the hash partitioning (``owner_rank``, ``unique_by_owner``) and
-``sum_by_index`` have CPU kernels only. Each routing is announced by one warning when it first happens.
+run the torch ones; the hash partitioning (``owner_rank``, ``unique_by_owner``),
+``sum_by_index`` and ``gather_rows`` have CPU kernels only. Each routing is announced by one
+warning when it first happens.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ TORCH_KERNELS_UNDER_NATIVE = {
     ("adamw_tf_multi_tensor", "cuda"): "recis has no CUDA kernel for it; torch's _foreach kernels are fused on CUDA",
     **{
         (op, "cuda"): "recis has no CUDA kernel for it; the torch one runs on the GPU"
-        for op in ("sum_by_index", "owner_rank", "unique_by_owner")
+        for op in ("sum_by_index", "gather_rows", "owner_rank", "unique_by_owner")
     },
     **{
         (op, device): _NO_ADAGRAD_KERNEL

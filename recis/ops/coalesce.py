@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from recis.ops.row_pieces import RowsOrPieces, joined
 
-def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def coalesce_rows(rows: torch.Tensor, grads: RowsOrPieces) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum ``grads[i]`` over equal ``rows[i]``.
 
     Returns ``(unique_rows, summed)`` with ``unique_rows`` ascending and ``summed`` in
     float32 (or the wider dtype of ``grads``), so duplicates of a bf16 table add up at
-    full precision.
+    full precision. ``grads`` may come in pieces (``recis.ops.row_pieces``).
     """
+    grads = joined(grads)
     unique_rows, inverse = torch.unique(rows, return_inverse=True)
     accumulate_dtype = torch.promote_types(grads.dtype, torch.float32)
     summed = torch.zeros((unique_rows.numel(), grads.shape[1]), dtype=accumulate_dtype, device=grads.device)

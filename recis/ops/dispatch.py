@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from recis.ops import adamw_tf_update, coalesce, native_kernels, partition, sparse_adagrad_update
+from recis.ops import adamw_tf_update, coalesce, gather, native_kernels, partition, sparse_adagrad_update
 from recis.ops.backend import choose_backend
 from recis.ops.id_map import TorchIdMap
 from recis.ops.native_id_map import NativeIdMap
+from recis.ops.row_pieces import RowsOrPieces, as_pieces
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
 from recis.ops.sparse_adam_update import sparse_adam_update as torch_sparse_adam_update
 
@@ -20,11 +21,17 @@ def IdMap(device: torch.device | str = "cpu") -> NativeIdMap | TorchIdMap:
     return NativeIdMap(device) if native else TorchIdMap(device)
 
 
-def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def coalesce_rows(rows: torch.Tensor, grads: RowsOrPieces) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum ``grads[i]`` over equal ``rows[i]``: ``(unique_rows ascending, sums)``, the sums in
-    float32 or the wider dtype of ``grads`` (``recis.ops.coalesce.coalesce_rows``)."""
-    native = choose_backend(grads.device, "coalesce_rows") == "native"
+    float32 or the wider dtype of ``grads``, which may come in pieces (``recis.ops.coalesce.coalesce_rows``)."""
+    native = choose_backend(as_pieces(grads)[0].device, "coalesce_rows") == "native"
     return (native_kernels if native else coalesce).coalesce_rows(rows, grads)
+
+
+def gather_rows(rows: RowsOrPieces, index: torch.Tensor) -> torch.Tensor:
+    """The rows of a tensor, or of its pieces' concatenation, at ``index`` (``recis.ops.gather``)."""
+    native = choose_backend(index.device, "gather_rows") == "native"
+    return (native_kernels if native else gather).gather_rows(rows, index)
 
 
 def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:

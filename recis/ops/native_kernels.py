@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from recis.ops.row_pieces import RowsOrPieces, as_pieces, joined
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
 
 # The codes of common/adam_rule.h's enums (tests/kernels/test_rule_codes.py checks them).
@@ -47,14 +48,27 @@ def _check_update_layout(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq
         raise _unsupported(op, f"CUDA rows of {weight.dtype} with slots of {exp_avg.dtype} (float32 slots only)")
 
 
-def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Native ``recis.ops.coalesce.coalesce_rows``: radix grouping, sums in input order."""
-    accumulate_dtype = torch.promote_types(grads.dtype, torch.float32)
-    supported = (torch.float32,) if grads.device.type == "cuda" else (torch.float32, torch.float64)
-    if grads.dim() != 2 or accumulate_dtype not in supported or rows.device != grads.device:
-        layout = f"{grads.dim()}-D {grads.dtype} gradients on {grads.device} with rows on {rows.device}"
+def coalesce_rows(rows: torch.Tensor, grads: RowsOrPieces) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native ``recis.ops.coalesce.coalesce_rows``: radix grouping, sums in input order. On CPU
+    the gradients' pieces are read in place; on CUDA they are joined first."""
+    pieces = as_pieces(grads)
+    first = pieces[0]
+    accumulate_dtype = torch.promote_types(first.dtype, torch.float32)
+    supported = (torch.float32,) if first.device.type == "cuda" else (torch.float32, torch.float64)
+    if first.dim() != 2 or accumulate_dtype not in supported or rows.device != first.device:
+        layout = f"{first.dim()}-D {first.dtype} gradients on {first.device} with rows on {rows.device}"
         raise _unsupported("coalesce_rows", layout)
-    return torch.ops.recis.coalesce_rows(rows.contiguous(), grads.to(accumulate_dtype).contiguous())
+    if first.device.type == "cuda":
+        pieces = [joined(pieces)]
+    return torch.ops.recis.coalesce_rows(rows.contiguous(), [piece.to(accumulate_dtype) for piece in pieces])
+
+
+def gather_rows(rows: RowsOrPieces, index: torch.Tensor) -> torch.Tensor:
+    """Native ``recis.ops.gather.gather_rows`` (CPU): rows copied from the pieces where they lie."""
+    pieces = as_pieces(rows)
+    if pieces[0].dim() != 2 or index.device != pieces[0].device:
+        raise _unsupported("gather_rows", f"{pieces[0].dim()}-D pieces on {pieces[0].device}, index on {index.device}")
+    return torch.ops.recis.gather_rows(pieces, index)
 
 
 def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The all-to-all of blocks: every rank receives exactly the rows sent to it, in rank order,
 for blocks of mixed dtypes and widths; this rank's own rows skip the collective; results
-stay valid after the next exchange reuses its buffers."""
+stay valid after the next exchange reuses its buffers; received in pieces, each rank's rows
+are one piece, this rank's a view of what it sent."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
 
-from recis.dist.exchange import _workspace, exchange
+from recis.dist.exchange import _workspace, exchange, exchange_pieces
 
 DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.uint8)
 WIDTHS = (3, 1, 5, 7)  # odd widths and counts: blocks start at offsets unaligned for the next dtype
@@ -90,3 +91,27 @@ def test_buffers_are_kept_per_thread_and_large_ones_are_not_kept():
     large = _workspace.KEPT_BYTES + 1
     one, another = _workspace.buffer("receive", large, cpu), _workspace.buffer("receive", large, cpu)
     assert one.data_ptr() != another.data_ptr()  # both alive: a kept buffer would be the same one
+
+
+def _exchange_in_pieces(rank: int, world_size: int) -> dict:
+    send = [[_count(rank, r, b) for b in range(len(DTYPES))] for r in range(world_size)]
+    recv = [[_count(r, rank, b) for b in range(len(DTYPES))] for r in range(world_size)]
+    blocks = _blocks(rank, world_size, 0)
+    pieces = exchange_pieces(blocks, send, recv, None)
+    own_start = [sum(_count(rank, r, b) for r in range(rank)) for b in range(len(DTYPES))]
+    return {
+        "per_rank": all(
+            torch.equal(pieces[b][r], _rows(r, rank, b, 0)) for b in range(len(DTYPES)) for r in range(world_size)
+        ),
+        "own_is_a_view": all(
+            pieces[b][rank].numel() == 0 or pieces[b][rank].data_ptr() == blocks[b][own_start[b] :].data_ptr()
+            for b in range(len(DTYPES))
+        ),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_pieces_are_each_ranks_rows_and_this_ranks_own_are_not_copied(world_size):
+    for outcome in run_ranks(world_size, _exchange_in_pieces):
+        assert outcome["per_rank"]
+        assert outcome["own_is_a_view"]

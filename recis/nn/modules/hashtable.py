@@ -33,6 +33,8 @@ from recis.nn.slicing import DEFAULT_SLICE, Slice, gen_slice
 from recis.nn.sparse_state_dict import note_table_state, split_sparse_dense_state_dict
 from recis.nn.table_children import TableChildren
 from recis.nn.tables_with_filters import register_filtered_table
+from recis.ops import gather_rows
+from recis.ops.row_pieces import RowsOrPieces, row_count
 from recis.store import RowStore
 
 LookupUnion = Callable[[torch.Tensor, "AdmitHook | None", "Exception | None"], torch.Tensor]
@@ -376,15 +378,15 @@ class HashTable(nn.Module):
             raise TypeError(f"{self.describe()}: admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
         return admit_hook
 
-    def differentiable(self, unique_values: torch.Tensor, inverse: torch.Tensor, receive: GradReceiver) -> torch.Tensor:
-        """``unique_values[inverse]``; with grad enabled, backward hands the per-unique gradient to ``receive``
-        (summed over an id's occurrences; their mean with ``grad_reduce_by="id"``). A frozen table's
-        rows are constants to autograd."""
+    def differentiable(self, unique_values: RowsOrPieces, inverse: torch.Tensor, receive: GradReceiver) -> torch.Tensor:
+        """``unique_values[inverse]`` (the unique rows may come in pieces, ``recis.ops.row_pieces``); with
+        grad enabled, backward hands the per-unique gradient to ``receive`` (summed over an id's
+        occurrences; their mean with ``grad_reduce_by="id"``). A frozen table's rows are constants to autograd."""
         if torch.is_grad_enabled() and self._requires_optimizer_state:
             if self.grad_reduce_by == "id":
-                receive = partial(_mean_over_occurrences, receive, inverse, unique_values.shape[0])
+                receive = partial(_mean_over_occurrences, receive, inverse, row_count(unique_values))
             return row_lookup(self._grad_anchor, unique_values, inverse, receive)
-        return unique_values.index_select(0, inverse)
+        return gather_rows(unique_values, inverse)
 
     def _accept_unique_grad(
         self,
