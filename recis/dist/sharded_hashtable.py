@@ -16,6 +16,7 @@ A new id's first row depends only on (seed, id), so it equals what a one-process
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,6 +32,7 @@ from recis.nn.gradient_buffer import GradientBuffer
 from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.initializers import Initializer
 from recis.nn.modules.hashtable import HashTable
+from recis.store import RowStore
 
 
 def _describe_initializer(initializer: Initializer | None) -> str:
@@ -43,6 +45,21 @@ def _describe_initializer(initializer: Initializer | None) -> str:
 
 def _add_present(buffer: GradientBuffer, unique_ids: torch.Tensor, present: torch.Tensor, grad: torch.Tensor) -> None:
     buffer.add(unique_ids[present], grad[present], distinct=True)
+
+
+@dataclass
+class _ServedRows:
+    """The ids an owner served in a training lookup, and their rows in ``store`` at the time."""
+
+    ids: torch.Tensor
+    rows: torch.Tensor
+    store: RowStore
+    generation: int
+    replacements: int
+
+    def still_rows_of(self, store: RowStore) -> bool:
+        """Whether ``rows`` still hold ``ids`` in ``store``: no row renumbered or replaced since."""
+        return store is self.store and (store.generation, store.replacements) == (self.generation, self.replacements)
 
 
 class ShardedHashTable(HashTable):
@@ -75,6 +92,7 @@ class ShardedHashTable(HashTable):
     ) -> None:
         """``HashTable``'s arguments (RecIS's positional order included), and the process group."""
         super().__init__(embedding_shape, *args, **kwargs)
+        self._served: _ServedRows | None = None
         self.process_group = process_group
         self.world_size, self.rank = group_size_and_rank(process_group)
         require_same_config(self.describe(), self._config(), process_group)
@@ -109,12 +127,23 @@ class ShardedHashTable(HashTable):
         else read their initial value (zeros under an admit hook). When the lookup ``may_miss``, also
         which ids have a row (the others get no gradient), else None."""
         may_miss = self.may_miss(admit_hook)
-        if not may_miss and not self.lifecycle.columns:
-            return self.read_or_initial(asked, insert=True), None  # unbounded: no deduplication needed
+        if not may_miss and not self.lifecycle.columns:  # unbounded: no deduplication needed
+            rows = self.rows_of_lookup(asked)
+            self._served = _ServedRows(asked, rows, self.store, self.store.generation, self.store.replacements)
+            return self.store.gather(rows), None
         unique_ids, inverse = torch.unique(asked, return_inverse=True)
         rows, values = self.unique_rows(unique_ids, admit_hook)
         present = (rows >= 0).index_select(0, inverse) if may_miss else None
         return values.index_select(0, inverse), present
+
+    def rows_to_update(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``HashTable.rows_to_update``; when ``ids`` are exactly the ids this owner served in the last
+        training lookup (the gradient of one lookup comes back in the order its ids were asked), the
+        rows found then, without probing the id map again."""
+        served, self._served = self._served, None
+        if served is not None and served.still_rows_of(self.store) and torch.equal(served.ids, ids):
+            return served.rows, torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
+        return super().rows_to_update(ids)
 
     def gradient_receiver(self, unique_ids: torch.Tensor, present: torch.Tensor | None = None) -> GradReceiver:
         """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id;

@@ -445,12 +445,16 @@ class HashTable(nn.Module):
 
         One probe of the id map per id; only the absent ids are deduplicated.
         """
+        return self._find_or_insert(ids)[0]
+
+    def _find_or_insert(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows_for(ids)``, and which ids were absent before."""
         rows = self._store.find(ids)
         absent = rows < 0
         if bool(absent.any()):
             new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
             rows[absent] = self._insert(new_ids, self.initial_values(new_ids), rows[~absent]).index_select(0, inverse)
-        return rows
+        return rows, absent
 
     def _insert(self, new_ids: torch.Tensor, values: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
         """Rows for distinct absent ids, within the capacity (evicting, but never ``keep_rows``)."""
@@ -847,18 +851,12 @@ class HashTable(nn.Module):
         return values
 
     @torch.no_grad()
-    def read_or_initial(self, ids: torch.Tensor, insert: bool) -> torch.Tensor:
-        """Rows of 1-D ids (repeats allowed): absent ids are inserted when ``insert`` (a lookup,
-        counted in ``stats()`` per id given), else read their initial value."""
-        rows = self._store.find(ids)
-        if not insert:
-            return self._read_or_initial(ids, rows)
-        absent = rows < 0
-        if bool(absent.any()):
-            new_ids, inverse = torch.unique(ids[absent], return_inverse=True)
-            rows[absent] = self._insert(new_ids, self.initial_values(new_ids), rows[~absent]).index_select(0, inverse)
+    def rows_of_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of 1-D ids (repeats allowed) for a training lookup: absent ids are inserted
+        (``rows_for``) and every id given counts as looked up in ``stats()``."""
+        rows, absent = self._find_or_insert(ids)
         self._lifecycle.count_lookup(ids.numel(), ids.numel() - absent.sum())
-        return self._store.gather(rows)
+        return rows
 
 
 def _mean_over_occurrences(receive: GradReceiver, inverse: torch.Tensor, count: int, grad: torch.Tensor) -> None:
