@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "row_pieces.h"
 #include "row_segments.h"
@@ -53,10 +54,22 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& rows, at::Ten
   return {unique_rows, summed};
 }
 
+// The first value of a row is copied, later ones added: index_add_ into zeros without writing
+// the zeros first (0 + x == x, but for the sign of a zero); rows no index names are zeroed.
 template <typename C>
-void add_rows_at(const int64_t* index, const C* values, int64_t n, int64_t dim, C* sums) {
+void add_rows_at(const int64_t* index, const C* values, int64_t n, int64_t count, int64_t dim, C* sums) {
+  std::vector<bool> seen(count, false);
   for (int64_t i = 0; i < n; ++i) {
-    add_row(values + i * dim, dim, sums + index[i] * dim);
+    const int64_t u = index[i];
+    if (seen[u]) {
+      add_row(values + i * dim, dim, sums + u * dim);
+    } else {
+      seen[u] = true;
+      std::copy(values + i * dim, values + (i + 1) * dim, sums + u * dim);
+    }
+  }
+  for (int64_t u = 0; u < count; ++u) {
+    if (!seen[u]) std::fill(sums + u * dim, sums + (u + 1) * dim, C(0));
   }
 }
 
@@ -69,10 +82,10 @@ at::Tensor sum_by_index(const at::Tensor& index_in, const at::Tensor& values_in,
     const auto [low, high] = at::aminmax(index);
     TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < count, "index out of range [0, ", count, ")");
   }
-  at::Tensor sums = at::zeros({count, values.size(1)}, values.options());
+  at::Tensor sums = at::empty({count, values.size(1)}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "recis_sum_by_index", [&] {
-    add_rows_at<scalar_t>(index.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), index.numel(), values.size(1),
-                          sums.data_ptr<scalar_t>());
+    add_rows_at<scalar_t>(index.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), index.numel(), count,
+                          values.size(1), sums.data_ptr<scalar_t>());
   });
   return sums;
 }
