@@ -6,10 +6,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(recis, m) {
+  // grad: the rows of its pieces' concatenation; sum_repeated_rows: rows may repeat (both CPU only)
   m.def(
-      "sparse_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
+      "sparse_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor[] grad, "
       "Tensor(d!)? row_steps, float lr, float beta1, float beta2, float eps, float weight_decay, int decay, "
-      "int epsilon, bool maximize, int step, float grad_divisor) -> ()");
+      "int epsilon, bool maximize, int step, float grad_divisor, bool sum_repeated_rows) -> ()");
   // grads: the rows of their pieces' concatenation (one piece on CUDA)
   m.def("coalesce_rows(Tensor rows, Tensor[] grads) -> (Tensor, Tensor)");
   m.def("gather_rows(Tensor[] pieces, Tensor index) -> Tensor");  // CPU only

@@ -7,18 +7,24 @@
 // and slots of any floating dtype (float32, float64, bfloat16, float16) are widened to
 // C and rounded back once, as the torch kernel's .to() does. With grad_divisor != 1 each
 // gradient row is divided by it first, in C (the mean over workers or accumulation steps),
-// so that the caller need not write a divided copy of the whole gradient.
+// so that the caller need not write a divided copy of the whole gradient. The gradient may
+// come in pieces (what each rank sent, row_pieces.h). With sum_repeated_rows, rows may
+// repeat: their gradient rows are summed first, in input order (as coalesce_rows sums them),
+// and each distinct row is updated once, in ascending order, without a coalesced copy.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../common/adam_rule.h"
 #include "adam_span_avx2.h"
+#include "row_pieces.h"
+#include "row_segments.h"
 #include "vec_math.h"
 
 namespace recis::cpu {
@@ -60,16 +66,44 @@ struct WideRow {
   }
 };
 
+// The gradient of the u-th updated row: row u of the pieces, or with segments the sum of the
+// rows order[offsets[u]] .. order[offsets[u + 1] - 1], in that order.
+template <typename C>
+class RowGradients {
+ public:
+  RowGradients(const RowPieces& pieces, const int64_t* offsets, const int64_t* order)
+      : pieces_(pieces), offsets_(offsets), order_(order) {}
+
+  const C* of(int64_t u, C* sum) const {
+    if (offsets_ == nullptr) return pieces_.row_as<C>(u);
+    const C* first = pieces_.row_as<C>(order_[offsets_[u]]);
+    if (offsets_[u + 1] - offsets_[u] == 1) return first;
+    const int64_t dim = pieces_.width();
+    std::copy(first, first + dim, sum);
+    for (int64_t k = offsets_[u] + 1; k < offsets_[u + 1]; ++k) {
+      const C* row = pieces_.row_as<C>(order_[k]);
+      for (int64_t j = 0; j < dim; ++j) sum[j] += row[j];
+    }
+    return sum;
+  }
+
+ private:
+  const RowPieces& pieces_;
+  const int64_t* offsets_;
+  const int64_t* order_;
+};
+
 // W: the rows' dtype, S: the slots' dtype, C: the compute type.
 template <typename W, typename S, typename C>
-void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int64_t count, const C* grad,
-                 C grad_divisor, int64_t dim, int64_t* row_steps, const AdamHyper& hyper) {
+void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int64_t count,
+                 const RowGradients<C>& grads, C grad_divisor, int64_t dim, int64_t* row_steps,
+                 const AdamHyper& hyper) {
   const AdamScalars<C> s = adam_scalars<C>(hyper);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     WideRow<W, C> theta(dim);
     WideRow<S, C> m(dim), v(dim);
-    std::vector<C> quotient(grad_divisor == C(1) ? 0 : dim);
+    std::vector<C> quotient(grad_divisor == C(1) ? 0 : dim), sum(dim);
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchDistance < end) {
         const int64_t ahead = rows[u + kPrefetchDistance];
@@ -84,7 +118,7 @@ void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int6
         step = row_step<C>(hyper.lr, hyper.beta1, hyper.beta2, s.corrected, t);
       }
       const RowStep<C>* per_row = row_steps != nullptr ? &step : nullptr;
-      const C* g = grad + u * dim;
+      const C* g = grads.of(u, sum.data());
       if (!quotient.empty()) {
         for (int64_t j = 0; j < dim; ++j) quotient[j] = g[j] / grad_divisor;
         g = quotient.data();
@@ -105,29 +139,34 @@ void update_rows(W* weight, S* exp_avg, S* exp_avg_sq, const int64_t* rows, int6
 }
 
 void check_inputs(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                  const at::Tensor& rows, const at::Tensor& grad, const std::optional<at::Tensor>& row_steps) {
+                  const at::Tensor& rows, const RowPieces& grad, const std::optional<at::Tensor>& row_steps) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
   TORCH_CHECK(exp_avg.sizes() == weight.sizes() && exp_avg_sq.sizes() == weight.sizes(),
               "exp_avg and exp_avg_sq must have the shape of weight");
   TORCH_CHECK(exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), "slots must be contiguous");
   TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), "exp_avg and exp_avg_sq must share a dtype");
   const bool wide = weight.scalar_type() == at::kDouble || exp_avg.scalar_type() == at::kDouble;
-  TORCH_CHECK(grad.scalar_type() == (wide ? at::kDouble : at::kFloat),
+  TORCH_CHECK(grad.options().dtype() == (wide ? at::kDouble : at::kFloat),
               "grad must have the compute dtype: float64 when the rows or slots are float64, else float32");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows: 1-D int64");
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(1) == weight.size(1), "grad: (n, dim)");
-  TORCH_CHECK(grad.size(0) == rows.numel(), "grad must have one row per touched row");
+  TORCH_CHECK(grad.width() == weight.size(1), "grad: (n, dim)");
+  TORCH_CHECK(grad.rows() == rows.numel(), "grad must have one row per touched row");
   if (row_steps.has_value()) {
     TORCH_CHECK(row_steps->scalar_type() == at::kLong && row_steps->is_contiguous() &&
                     row_steps->numel() == weight.size(0), "row_steps: int64, one per row");
   }
 }
 
-void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
-                        const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr,
-                        double beta1, double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon,
-                        bool maximize, int64_t step, double grad_divisor) {
-  check_inputs(weight, exp_avg, exp_avg_sq, rows, grad, row_steps);
+void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& given_rows,
+                        at::TensorList grad_pieces, std::optional<at::Tensor> row_steps, double lr, double beta1,
+                        double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon, bool maximize,
+                        int64_t step, double grad_divisor, bool sum_repeated_rows) {
+  const RowPieces grad(grad_pieces, "sparse_adam_update");
+  check_inputs(weight, exp_avg, exp_avg_sq, given_rows, grad, row_steps);
+  at::Tensor rows = given_rows, offsets, order;  // with repeats: the distinct rows and their segments
+  if (sum_repeated_rows) std::tie(rows, offsets, order) = row_segments(given_rows);
+  const int64_t* segment_offsets = sum_repeated_rows ? offsets.data_ptr<int64_t>() : nullptr;
+  const int64_t* segment_order = sum_repeated_rows ? order.data_ptr<int64_t>() : nullptr;
   TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
@@ -137,8 +176,9 @@ void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_av
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "recis_sparse_adam_rows", [&] {
       using W = scalar_t;
       using C = std::conditional_t<std::is_same_v<W, double> || std::is_same_v<S, double>, double, float>;
+      const RowGradients<C> grads(grad, segment_offsets, segment_order);
       update_rows<W, S, C>(weight.data_ptr<W>(), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
-                           rows.data_ptr<int64_t>(), rows.numel(), grad.data_ptr<C>(), static_cast<C>(grad_divisor),
+                           rows.data_ptr<int64_t>(), rows.numel(), grads, static_cast<C>(grad_divisor),
                            weight.size(1), steps, hyper);
     });
   });

@@ -61,10 +61,13 @@ at::Tensor divided(const at::Tensor& grad, double grad_divisor) {
 }
 
 void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
-                           const at::Tensor& grad, std::optional<at::Tensor> row_steps, double lr, double beta1,
+                           at::TensorList grad_pieces, std::optional<at::Tensor> row_steps, double lr, double beta1,
                            double beta2, double eps, double weight_decay, int64_t decay, int64_t epsilon,
-                           bool maximize, int64_t step, double grad_divisor) {
+                           bool maximize, int64_t step, double grad_divisor, bool sum_repeated_rows) {
   constexpr const char* op = "CUDA sparse_adam_update";
+  TORCH_CHECK(grad_pieces.size() == 1 && !sum_repeated_rows, op,
+              ": one piece of gradients of distinct rows (recis/ops/native_kernels.py coalesces them)");
+  const at::Tensor& grad = grad_pieces[0];
   const c10::cuda::CUDAGuard guard(weight.device());
   check_on(op, weight, {&weight, &exp_avg, &exp_avg_sq, &rows, &grad});
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D");

@@ -316,9 +316,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if not bool(has_row.all()):  # ids the owner did not admit get no update
                     rows, grad = rows[has_row], joined(grad)[has_row]
                     grad_sq = None if grad_sq is None else grad_sq[has_row]
-                rows, grad = coalesce_rows(rows, grad) if gradient.repeats else (rows, joined(grad))
             workers = self.world_size if route_.source.grad_reduce_by == "worker" else 1  # RecIS's meaning
-            self.optimizer.apply_gradient(route_.target, rows, grad, workers=workers, grad_sq=grad_sq)
+            self.optimizer.apply_gradient(  # repeated rows are summed inside the fused update
+                route_.target, rows, grad, workers=workers, grad_sq=grad_sq, rows_repeat=gradient.repeats
+            )
 
     @staticmethod
     def _squares_per_id(gradient: _OwnedGradient) -> torch.Tensor:

@@ -59,7 +59,7 @@ def sparse_adam_update(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     rows: torch.Tensor,
-    grad: torch.Tensor,
+    grad: RowsOrPieces,
     *,
     lr: float,
     beta1: float,
@@ -72,14 +72,17 @@ def sparse_adam_update(
     step: int,
     row_steps: torch.Tensor | None = None,
     grad_divisor: float = 1.0,
+    sum_repeated_rows: bool = False,
 ) -> None:
     """One fused Adam-family update of ``rows`` of ``weight`` and its two slots, in place, with the
-    gradient ``grad / grad_divisor`` (the formulas: ``recis.ops.sparse_adam_update``)."""
+    gradient ``grad / grad_divisor``, summed first over repeated rows with ``sum_repeated_rows``
+    (the formulas: ``recis.ops.sparse_adam_update``)."""
     native = choose_backend(weight.device, "sparse_adam_update") == "native"
     kernel = native_kernels.sparse_adam_update if native else torch_sparse_adam_update
     kernel(
         weight, exp_avg, exp_avg_sq, rows, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         decay=decay, epsilon=epsilon, maximize=maximize, step=step, row_steps=row_steps, grad_divisor=grad_divisor,
+        sum_repeated_rows=sum_repeated_rows,
     )  # fmt: skip
 
 

@@ -95,23 +95,30 @@ def sparse_adam_update(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     rows: torch.Tensor,
-    grad: torch.Tensor,
+    grad: RowsOrPieces,
     *,
     step: int,
     row_steps: torch.Tensor | None = None,
     grad_divisor: float = 1.0,
+    sum_repeated_rows: bool = False,
     **hyper,
 ) -> None:
-    """Native ``recis.ops.sparse_adam_update.sparse_adam_update`` (same arguments)."""
+    """Native ``recis.ops.sparse_adam_update.sparse_adam_update`` (same arguments). On CPU the
+    gradient's pieces are read in place and repeated rows summed inside the update; on CUDA
+    they are joined and coalesced first (``coalesce_rows``)."""
     _check_update_layout(weight, exp_avg, exp_avg_sq)
-    grad = grad.to(_compute_dtype(weight, exp_avg)).contiguous()
+    compute_dtype = _compute_dtype(weight, exp_avg)
+    pieces = [piece.to(compute_dtype) for piece in as_pieces(grad)]
+    if weight.device.type == "cuda":
+        rows, joined_grad = coalesce_rows(rows, pieces) if sum_repeated_rows else (rows, joined(pieces))
+        pieces, sum_repeated_rows = [joined_grad.contiguous()], False
     if row_steps is not None:
         row_steps = row_steps.view(-1)
     torch.ops.recis.sparse_adam_update(
-        weight, exp_avg, exp_avg_sq, rows.contiguous(), grad, row_steps,
+        weight, exp_avg, exp_avg_sq, rows.contiguous(), pieces, row_steps,
         hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
         DECAY_CODES[hyper["decay"]], EPSILON_CODES[hyper["epsilon"]], hyper["maximize"], int(step),
-        float(grad_divisor),
+        float(grad_divisor), sum_repeated_rows,
     )  # fmt: skip
 
 

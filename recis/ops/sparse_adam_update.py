@@ -24,6 +24,9 @@ import math
 
 import torch
 
+from recis.ops.coalesce import coalesce_rows
+from recis.ops.row_pieces import RowsOrPieces, joined
+
 
 class WeightDecay(enum.Enum):
     L2 = "l2"
@@ -41,7 +44,7 @@ def sparse_adam_update(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     rows: torch.Tensor,
-    grad: torch.Tensor,
+    grad: RowsOrPieces,
     *,
     lr: float,
     beta1: float,
@@ -54,11 +57,17 @@ def sparse_adam_update(
     step: int,
     row_steps: torch.Tensor | None = None,
     grad_divisor: float = 1.0,
+    sum_repeated_rows: bool = False,
 ) -> None:
     """Apply one Adam-family update in place to ``rows`` of ``weight`` and its two slots, with the
     gradient ``grad / grad_divisor`` (divided in the compute dtype; the divisor averages over
-    workers or accumulation steps)."""
+    workers or accumulation steps). ``grad`` may come in pieces (``recis.ops.row_pieces``).
+    ``rows`` are distinct, or with ``sum_repeated_rows`` may repeat: the gradient rows of a row
+    are then summed in the compute dtype, in input order (``coalesce_rows``), and the row updated once."""
     compute_dtype = torch.promote_types(torch.promote_types(exp_avg.dtype, weight.dtype), torch.float32)
+    grad = joined(grad).to(compute_dtype)
+    if sum_repeated_rows:
+        rows, grad = coalesce_rows(rows, grad)
     theta = weight.index_select(0, rows).to(compute_dtype)
     m = exp_avg.index_select(0, rows).to(compute_dtype)
     v = exp_avg_sq.index_select(0, rows).to(compute_dtype)

@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 import torch
 
 from recis.nn.modules.hashtable import HashTable
-from recis.ops import sparse_adagrad_update_rows
+from recis.ops import coalesce_rows, sparse_adagrad_update_rows
+from recis.ops.row_pieces import RowsOrPieces, joined
 from recis.optim.hyperparameters import check_initial_accumulator_value, check_lr_decay, tables_argument
 from recis.optim.sparse_optimizer import SparseOptimizer, TableParams
 from recis.optim.step_update_info import StepUpdateInfo, check_interval
@@ -116,28 +117,33 @@ class SparseAdagradFamily(SparseOptimizer):
         self,
         table: HashTable,
         rows: torch.Tensor,
-        grad: torch.Tensor,
+        grad: RowsOrPieces,
         group: dict[str, Any] | None = None,
         *,
         workers: int = 1,
         grad_sq: torch.Tensor | None = None,
+        rows_repeat: bool = False,
     ) -> None:
         """``SparseOptimizer.apply_gradient``; a Sum variant sums over workers (``workers`` is
         ignored) and, given no ``grad_sq``, takes the gradient as one worker's (grad_sq = grad^2)."""
         if self.takes_grad_sq:
             workers = 1
-        super().apply_gradient(table, rows, grad, group, workers=workers, grad_sq=grad_sq)
+        super().apply_gradient(table, rows, grad, group, workers=workers, grad_sq=grad_sq, rows_repeat=rows_repeat)
 
     def update_rows(
         self,
         table: HashTable,
         rows: torch.Tensor,
-        grad: torch.Tensor,
+        grad: RowsOrPieces,
         group: dict[str, Any],
         step: int,
         grad_sq: torch.Tensor | None = None,
         grad_divisor: int = 1,
+        sum_repeated_rows: bool = False,
     ) -> None:
+        if sum_repeated_rows:  # the Adagrad kernels take distinct rows: sum first
+            rows, grad = coalesce_rows(rows, grad)
+        grad = joined(grad)
         if grad_divisor != 1:
             grad = grad / grad_divisor
         if self.takes_grad_sq and grad_sq is None:

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 
 from recis.nn.modules.hashtable import HashTable
-from recis.ops import EpsilonPlacement, WeightDecay, sparse_adam_update
+from recis.ops import EpsilonPlacement, WeightDecay, coalesce_rows, sparse_adam_update
+from recis.ops.row_pieces import RowsOrPieces, joined
 from recis.optim.hyperparameters import check_eps, check_lr, check_weight_decay, merge_betas, tables_argument
 
 DEFAULT_BETA1 = 0.9
@@ -320,13 +321,17 @@ class SparseOptimizer(torch.optim.Optimizer):
         self,
         table: HashTable,
         rows: torch.Tensor,
-        grad: torch.Tensor,
+        grad: RowsOrPieces,
         group: dict[str, Any] | None = None,
         *,
         workers: int = 1,
         grad_sq: torch.Tensor | None = None,
+        rows_repeat: bool = False,
     ) -> None:
         """One update of ``table``: the summed gradient ``grad`` of its distinct ``rows``.
+        With ``rows_repeat``, rows may repeat (several ranks' gradients of one row; ``grad``
+        perhaps in pieces, ``recis.ops.row_pieces``): a row's gradient rows are summed first,
+        inside the fused update where it can (``update_rows``'s ``sum_repeated_rows``).
 
         The gradient is divided by ``grad_accum_steps * workers`` (the mean over the
         accumulation window and over the ``workers`` ranks that summed into it), rows with
@@ -339,6 +344,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         group = self.group_of(table) if group is None else group
         if grad_sq is not None and not self.takes_grad_sq:
             raise TypeError(f"{type(self).__name__} takes no grad_sq (only the Adagrad 'Sum' variants do)")
+        if rows_repeat and (grad_sq is not None or group["skip_nonfinite"]):  # these need the sums per row
+            rows, grad = coalesce_rows(rows, grad)
+            rows_repeat = False
+        grad = grad if rows_repeat else joined(grad)
         scale = self._grad_accum_steps * workers
         if scale > 1 and grad_sq is not None:
             grad_sq = grad_sq / scale**2
@@ -351,22 +360,27 @@ class SparseOptimizer(torch.optim.Optimizer):
             rows, grad = rows[finite], grad[finite]
             grad_sq = None if grad_sq is None else grad_sq[finite]
         state["step"] += 1
-        self.update_rows(table, rows, grad, group, state["step"], grad_sq, grad_divisor=scale)
+        self.update_rows(
+            table, rows, grad, group, state["step"], grad_sq, grad_divisor=scale, sum_repeated_rows=rows_repeat
+        )
 
     def update_rows(
         self,
         table: HashTable,
         rows: torch.Tensor,
-        grad: torch.Tensor,
+        grad: RowsOrPieces,
         group: dict[str, Any],
         step: int,
         grad_sq: torch.Tensor | None = None,
         grad_divisor: int = 1,
+        sum_repeated_rows: bool = False,
     ) -> None:
         """The formula: one fused update of ``table``'s distinct ``rows`` with their final gradient
-        ``grad / grad_divisor``, ``step`` being the table's step count including this update. Here
-        the Adam family's (``recis.ops.sparse_adam_update``, which divides row by row as it
-        updates); ``grad_sq`` is for the optimizers that take it, already divided."""
+        ``grad / grad_divisor``, ``step`` being the table's step count including this update. With
+        ``sum_repeated_rows`` the rows may repeat and a row's gradient rows are summed first (in input
+        order, as ``coalesce_rows`` sums them). Here the Adam family's (``recis.ops.sparse_adam_update``,
+        which divides and sums row by row as it updates); ``grad_sq`` is for the optimizers that take
+        it, already divided."""
         beta1, beta2 = group["betas"]
         sparse_adam_update(
             table.weight,
@@ -385,6 +399,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             step=step,
             row_steps=table.slot(ROW_STEP) if group["bias_correction"] == "row" else None,
             grad_divisor=grad_divisor,
+            sum_repeated_rows=sum_repeated_rows,
         )
 
     def _table_state(self, table: HashTable) -> dict[str, Any]:

@@ -145,3 +145,40 @@ def test_a_layout_the_kernel_does_not_take_is_an_error_that_names_the_torch_back
             weight, exp_avg, exp_avg_sq, torch.tensor([0]), torch.ones(1, 8), step=1, decay=WeightDecay.L2,
             epsilon=EpsilonPlacement.CORRECTED, maximize=False, **HYPER,
         )  # fmt: skip
+
+
+def _repeated_rows_and_pieces(dim: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rows as two ranks would send them (each distinct, repeats across), the gradient in two pieces."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.cat([torch.randperm(64, generator=generator)[:30], torch.randperm(64, generator=generator)[:25]])
+    return rows, [torch.randn(30, dim, generator=generator), torch.randn(25, dim, generator=generator)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "state_dtype"), [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.float64,) * 2]
+)
+@pytest.mark.parametrize("per_row", [False, True], ids=["table", "row"])
+def test_repeated_rows_summed_inside_the_update_equal_coalescing_first(dtype, state_dtype, per_row):
+    rows, pieces = _repeated_rows_and_pieces(11, seed=3)
+    assert rows.unique().numel() < rows.numel()
+    options = dict(decay=WeightDecay.DECOUPLED, epsilon=EpsilonPlacement.CORRECTED, maximize=False, **HYPER)
+    fused, coalesced_first, torch_kernel = (_table(64, 11, dtype, state_dtype, seed=4) for _ in range(3))
+    compute = torch.promote_types(torch.promote_types(dtype, state_dtype), torch.float32)
+    pieces = [piece.to(compute) for piece in pieces]
+    for tensors in (fused, coalesced_first, torch_kernel):
+        tensors[3] = tensors[3] if per_row else None
+    native_kernels.sparse_adam_update(
+        *fused[:3], rows, pieces, step=3, row_steps=fused[3], grad_divisor=2.0, sum_repeated_rows=True, **options
+    )
+    unique_rows, sums = native_kernels.coalesce_rows(rows, pieces)
+    native_kernels.sparse_adam_update(
+        *coalesced_first[:3], unique_rows, sums, step=3, row_steps=coalesced_first[3], grad_divisor=2.0, **options
+    )
+    sparse_adam_update(
+        *torch_kernel[:3], rows, pieces, step=3, row_steps=torch_kernel[3], grad_divisor=2.0, sum_repeated_rows=True,
+        **options,
+    )  # fmt: skip
+    for name, a, b, c in zip(("weight", "exp_avg", "exp_avg_sq", "row_steps"), fused, coalesced_first, torch_kernel):
+        if a is not None:
+            assert torch.equal(a, b), name  # the same additions and the same update, in the same order
+            assert_same(a, c, f"{name} against the torch kernel")
