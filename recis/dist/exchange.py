@@ -6,6 +6,8 @@ and swaps the counts of all of them in ONE small all-to-all; ``exchange`` then s
 any number of blocks (ids, rows, gradients of mixed dims and dtypes) in ONE all-to-all
 of bytes. So a lookup or an optimizer step over 26 tables makes as many collective
 calls as over one. In a world of one nothing is sent: the blocks stay where they are.
+``exchange_pieces`` hands what arrived over without joining it: each block as one piece
+per rank, read in place by kernels that take pieces (``recis.ops.row_pieces``).
 
 The size swap also carries failure: a rank whose input is bad sends -1 counts before it
 raises, so every other rank raises a clear error naming it instead of waiting in a

@@ -30,6 +30,8 @@ def coalesce_rows(rows: torch.Tensor, grads: RowsOrPieces) -> tuple[torch.Tensor
 
 def gather_rows(rows: RowsOrPieces, index: torch.Tensor) -> torch.Tensor:
     """The rows of a tensor, or of its pieces' concatenation, at ``index`` (``recis.ops.gather``)."""
+    if isinstance(rows, torch.Tensor):  # one piece: torch's own gather, whatever the backend
+        return rows.index_select(0, index)
     native = choose_backend(index.device, "gather_rows") == "native"
     return (native_kernels if native else gather).gather_rows(rows, index)
 
