@@ -15,6 +15,7 @@ A new id's first row depends only on (seed, id), so it equals what a one-process
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -49,17 +50,23 @@ def _add_present(buffer: GradientBuffer, unique_ids: torch.Tensor, present: torc
 
 @dataclass
 class _ServedRows:
-    """The ids an owner served in a training lookup, and their rows in ``store`` at the time."""
+    """The ids an owner served in a training lookup, and their rows in the store of the time
+    (held weakly: a table moved to another device or dtype frees its old store)."""
 
     ids: torch.Tensor
     rows: torch.Tensor
-    store: RowStore
+    store: weakref.ref[RowStore]
     generation: int
     replacements: int
 
+    @classmethod
+    def of(cls, ids: torch.Tensor, rows: torch.Tensor, store: RowStore) -> _ServedRows:
+        return cls(ids, rows, weakref.ref(store), store.generation, store.replacements)
+
     def still_rows_of(self, store: RowStore) -> bool:
         """Whether ``rows`` still hold ``ids`` in ``store``: no row renumbered or replaced since."""
-        return store is self.store and (store.generation, store.replacements) == (self.generation, self.replacements)
+        same = self.store() is store
+        return same and (store.generation, store.replacements) == (self.generation, self.replacements)
 
 
 class ShardedHashTable(HashTable):
@@ -129,7 +136,7 @@ class ShardedHashTable(HashTable):
         may_miss = self.may_miss(admit_hook)
         if not may_miss and not self.lifecycle.columns:  # unbounded: no deduplication needed
             rows = self.rows_of_lookup(asked)
-            self._served = _ServedRows(asked, rows, self.store, self.store.generation, self.store.replacements)
+            self._served = _ServedRows.of(asked, rows, self.store)
             return self.store.gather(rows), None
         unique_ids, inverse = torch.unique(asked, return_inverse=True)
         rows, values = self.unique_rows(unique_ids, admit_hook)

@@ -5,6 +5,8 @@ renumbered or the gradient spans several lookups: either way the update is the s
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from unittest import mock
 
 import torch
@@ -58,3 +60,16 @@ def test_the_update_reuses_the_rows_served_and_probes_again_only_when_they_may_b
         assert all(probes >= 2 for probes in outcome["reloaded_probes"])  # one probe per table at least
         assert outcome["same_update"]
         assert outcome["same_accumulated"]  # two lookups per step: the gradient is no lookup's ids
+
+
+def _old_store_freed_after_a_move(rank: int, world_size: int) -> bool:
+    table = ShardedHashTable(4, name="t", seed=1)
+    sharded_lookup([table], [torch.arange(10)])[0].sum().backward()
+    old_store = weakref.ref(table.store)
+    table.double()  # a new store, in float64
+    gc.collect()
+    return old_store() is None
+
+
+def test_the_rows_remembered_do_not_keep_a_moved_tables_old_store_alive():
+    assert run_ranks(1, _old_store_freed_after_a_move) == [True]
