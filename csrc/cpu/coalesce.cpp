@@ -32,12 +32,7 @@ void sum_segments(const RowPieces& grads, const int64_t* offsets, const int64_t*
   const int64_t dim = grads.width();
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, unique, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      C* sum = out + u * dim;
-      const C* first = grads.row_as<C>(order[offsets[u]]);
-      std::copy(first, first + dim, sum);
-      for (int64_t k = offsets[u] + 1; k < offsets[u + 1]; ++k) add_row(grads.row_as<C>(order[k]), dim, sum);
-    }
+    for (int64_t u = begin; u < end; ++u) sum_rows(grads, order, offsets[u], offsets[u + 1], out + u * dim);
   });
 }
 

@@ -55,4 +55,17 @@ class RowPieces {
   int64_t row_bytes_ = 0;
 };
 
+// out = the sum of rows order[begin] .. order[end - 1] of `pieces`, added in that order (the
+// first copied): how coalesce_rows and the Adam update sum the gradient rows of a repeated row.
+template <typename C>
+void sum_rows(const RowPieces& pieces, const int64_t* order, int64_t begin, int64_t end, C* out) {
+  const int64_t dim = pieces.width();
+  const C* first = pieces.row_as<C>(order[begin]);
+  std::copy(first, first + dim, out);
+  for (int64_t k = begin + 1; k < end; ++k) {
+    const C* row = pieces.row_as<C>(order[k]);
+    for (int64_t j = 0; j < dim; ++j) out[j] += row[j];
+  }
+}
+
 }  // namespace recis::cpu

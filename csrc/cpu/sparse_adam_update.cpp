@@ -76,14 +76,8 @@ class RowGradients {
 
   const C* of(int64_t u, C* sum) const {
     if (offsets_ == nullptr) return pieces_.row_as<C>(u);
-    const C* first = pieces_.row_as<C>(order_[offsets_[u]]);
-    if (offsets_[u + 1] - offsets_[u] == 1) return first;
-    const int64_t dim = pieces_.width();
-    std::copy(first, first + dim, sum);
-    for (int64_t k = offsets_[u] + 1; k < offsets_[u + 1]; ++k) {
-      const C* row = pieces_.row_as<C>(order_[k]);
-      for (int64_t j = 0; j < dim; ++j) sum[j] += row[j];
-    }
+    if (offsets_[u + 1] - offsets_[u] == 1) return pieces_.row_as<C>(order_[offsets_[u]]);  // no copy
+    sum_rows(pieces_, order_, offsets_[u], offsets_[u + 1], sum);
     return sum;
   }
 
