@@ -24,7 +24,8 @@ medians and, as "paired", the median of the per-round ratios):
      forward + backward + ShardedOptimizer(SparseAdamW).step(), against TorchRec
      DistributedModelParallel over an EmbeddingBagCollection of the same 26 tables,
      sharded as TorchRec's planner chooses on CPU, FBGEMM's fused EXACT_ROWWISE_ADAGRAD
-     (no Adam on CPU) applied in backward, the same ids.  Target <= 0.8.
+     (no Adam on CPU) applied in backward, the same ids.  Target <= 0.8.  Also with the
+     engine's optimizer SparseRowWiseAdagrad, TorchRec's (no target): the same update rule.
   s  (not in the default) the sharded step on 1, 2 and 4 ranks sharing the 2 cores, one table
      of 262,144 x 64 rows, a global batch of 16,384 ids; ratio against 1 rank.
 
@@ -169,12 +170,13 @@ class RecisStep(Step):
 
 class EngineStep(Step):
     """``recis.nn.EmbeddingEngine``: one feature per table, one id per feature per sample, pooled
-    ("sum" of one row); tables sharded over the ranks; ShardedOptimizer(SparseAdamW) over all."""
+    ("sum" of one row); tables sharded over the ranks; ShardedOptimizer(SparseAdamW) over all,
+    or with ``row_wise_adagrad`` ShardedOptimizer(SparseRowWiseAdagrad), TorchRec's optimizer."""
 
-    def __init__(self, workload: Workload, rank: int, world_size: int) -> None:
+    def __init__(self, workload: Workload, rank: int, world_size: int, row_wise_adagrad: bool = False) -> None:
         from recis.dist import ShardedOptimizer
         from recis.nn import EmbeddingEngine, EmbeddingOption
-        from recis.optim import SparseAdamW
+        from recis.optim import SparseAdamW, SparseRowWiseAdagrad
 
         self.workload, self.rank, self.world_size = workload, rank, world_size
         options = {
@@ -186,7 +188,13 @@ class EngineStep(Step):
         chunks = -(-workload.rows // (262_144 * world_size))
         for t, vocab in enumerate(self.vocabularies):
             _fill(self.engine.table_of(f"f{t}"), vocab[rank::world_size], owned, chunks)
-        self.optimizer = ShardedOptimizer(SparseAdamW(list(self.engine.tables().values()), lr=1e-3, weight_decay=1e-4))
+        tables = list(self.engine.tables().values())
+        optimizer = (
+            SparseRowWiseAdagrad(tables, lr=1e-3)
+            if row_wise_adagrad
+            else SparseAdamW(tables, lr=1e-3, weight_decay=1e-4)
+        )
+        self.optimizer = ShardedOptimizer(optimizer)
         self.samples: dict[str, torch.Tensor] = {}
 
     def prepare(self, round_index: int) -> None:
@@ -327,6 +335,7 @@ VARIANTS: dict[str, Callable[[int, int], Step]] = {
     "grouped_26": lambda rank, size: RecisStep(WORKLOADS["26_tables"], True, rank, size, grouped=True),
     "sharded_small": lambda rank, size: RecisStep(WORKLOADS["small"], True, rank, size),
     "engine_26": lambda rank, size: EngineStep(WORKLOADS["engine_26"], rank, size),
+    "engine_26_rowwise": lambda rank, size: EngineStep(WORKLOADS["engine_26"], rank, size, row_wise_adagrad=True),
     "torchrec_ebc_26": lambda rank, size: TorchRecCollectionStep(
         WORKLOADS["engine_26"], "EXACT_ROWWISE_ADAGRAD", rank, size
     ),
@@ -462,7 +471,10 @@ CASES = {
         Case("d", ("2", "sharded_26"), ("1", "plain_26"), None, "26 tables: 2 ranks vs plain, 1 process"),
         Case("d", ("2", "grouped_26"), ("1", "plain_26"), None, "26 tables, sharded_lookup: 2 ranks vs plain"),
     ],
-    "e": [Case("e", ("2", "engine_26"), ("2", "torchrec_ebc_26"), 0.8, "EmbeddingEngine, 26 features vs TorchRec EBC")],
+    "e": [
+        Case("e", ("2", "engine_26"), ("2", "torchrec_ebc_26"), 0.8, "EmbeddingEngine, 26 features vs TorchRec EBC"),
+        Case("e", ("2", "engine_26_rowwise"), ("2", "torchrec_ebc_26"), None, "the same, both row-wise Adagrad"),
+    ],
     "s": [
         Case("s", ("2", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 2 ranks vs 1"),
         Case("s", ("4", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 4 ranks vs 1"),

@@ -11,6 +11,11 @@ TORCH_LIBRARY(recis, m) {
       "sparse_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor[] grad, "
       "Tensor(d!)? row_steps, float lr, float beta1, float beta2, float eps, float weight_decay, int decay, "
       "int epsilon, bool maximize, int step, float grad_divisor, bool sum_repeated_rows) -> ()");
+  // CPU only (on CUDA the torch kernel runs); lr already decayed for the table's step
+  m.def(
+      "sparse_adagrad_update(Tensor(a!) weight, Tensor(b!) slot, Tensor rows, Tensor[] grad, Tensor? grad_sq, "
+      "bool row_wise, float lr, float initial_accumulator_value, float eps, float weight_decay, bool maximize, "
+      "float grad_divisor, bool sum_repeated_rows) -> ()");
   // grads: the rows of their pieces' concatenation (one piece on CUDA)
   m.def("coalesce_rows(Tensor rows, Tensor[] grads) -> (Tensor, Tensor)");
   m.def("gather_rows(Tensor[] pieces, Tensor index) -> Tensor");  // CPU only

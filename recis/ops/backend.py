@@ -16,10 +16,9 @@ backends within one process.
 Some routings are made on purpose, under ``native`` too (``TORCH_KERNELS_UNDER_NATIVE``):
 AdamWTF's multi-tensor update of CUDA tensors runs torch's ``_foreach`` kernels, which
 are fused multi-tensor CUDA kernels already; recis has no CUDA kernel of its own for it.
-The Adagrad updates (element-wise and row-wise) have no native kernel on any device and
-run the torch ones; the hash partitioning (``owner_rank``, ``unique_by_owner``),
-``sum_by_index`` and ``gather_rows`` have CPU kernels only. Each routing is announced by one
-warning when it first happens.
+The Adagrad updates (element-wise and row-wise), the hash partitioning (``owner_rank``,
+``unique_by_owner``), ``sum_by_index`` and ``gather_rows`` have CPU kernels only. Each routing
+is announced by one warning when it first happens.
 """
 
 from __future__ import annotations
@@ -35,17 +34,18 @@ import torch
 from recis.ops.native_library import has_kernels_for, load_native_library
 
 BACKENDS = ("auto", "native", "torch")
-_NO_ADAGRAD_KERNEL = "recis has no native Adagrad kernel; the torch one is vectorized over the touched rows"
 TORCH_KERNELS_UNDER_NATIVE = {
     ("adamw_tf_multi_tensor", "cuda"): "recis has no CUDA kernel for it; torch's _foreach kernels are fused on CUDA",
     **{
         (op, "cuda"): "recis has no CUDA kernel for it; the torch one runs on the GPU"
-        for op in ("sum_by_index", "gather_rows", "owner_rank", "unique_by_owner")
-    },
-    **{
-        (op, device): _NO_ADAGRAD_KERNEL
-        for op in ("sparse_adagrad_update", "sparse_row_wise_adagrad_update")
-        for device in ("cpu", "cuda")
+        for op in (
+            "sum_by_index",
+            "gather_rows",
+            "owner_rank",
+            "unique_by_owner",
+            "sparse_adagrad_update",
+            "sparse_row_wise_adagrad_update",
+        )
     },
 }
 _override: list[str] = []  # the stack of use_backend names, innermost last

@@ -92,7 +92,7 @@ def sparse_adagrad_update_rows(
     weight: torch.Tensor,
     grad_sq_sum: torch.Tensor,
     rows: torch.Tensor,
-    grad: torch.Tensor,
+    grad: RowsOrPieces,
     *,
     row_wise: bool,
     lr: float,
@@ -103,16 +103,19 @@ def sparse_adagrad_update_rows(
     maximize: bool,
     step: int,
     grad_sq: torch.Tensor | None = None,
+    grad_divisor: float = 1.0,
+    sum_repeated_rows: bool = False,
 ) -> None:
     """One fused Adagrad update (element-wise, or ``row_wise``) of ``rows`` of ``weight`` and its
-    accumulator slot, in place (the formulas: ``recis.ops.sparse_adagrad_update``). There is no
-    native kernel: both backends run the torch one (``TORCH_KERNELS_UNDER_NATIVE``)."""
+    accumulator slot, in place, with the gradient ``grad / grad_divisor``, summed first over
+    repeated rows with ``sum_repeated_rows`` (the formulas: ``recis.ops.sparse_adagrad_update``)."""
     op = "sparse_row_wise_adagrad_update" if row_wise else "sparse_adagrad_update"
-    choose_backend(weight.device, op)  # "torch" on both backends, announced once under native
-    kernel = getattr(sparse_adagrad_update, op)
+    native = choose_backend(weight.device, op) == "native"
+    kernel = getattr(native_kernels if native else sparse_adagrad_update, op)
     kernel(
         weight, grad_sq_sum, rows, grad, lr=lr, lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value,
-        eps=eps, weight_decay=weight_decay, maximize=maximize, step=step, grad_sq=grad_sq,
+        eps=eps, weight_decay=weight_decay, maximize=maximize, step=step, grad_sq=grad_sq, grad_divisor=grad_divisor,
+        sum_repeated_rows=sum_repeated_rows,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from recis.ops.row_pieces import RowsOrPieces, as_pieces, joined
+from recis.ops.sparse_adagrad_update import adagrad_lr
 from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
 
 # The codes of common/adam_rule.h's enums (tests/kernels/test_rule_codes.py checks them).
@@ -119,6 +120,54 @@ def sparse_adam_update(
         hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
         DECAY_CODES[hyper["decay"]], EPSILON_CODES[hyper["epsilon"]], hyper["maximize"], int(step),
         float(grad_divisor), sum_repeated_rows,
+    )  # fmt: skip
+
+
+def sparse_adagrad_update(
+    weight: torch.Tensor, grad_sq_sum: torch.Tensor, rows: torch.Tensor, grad: RowsOrPieces, **options
+) -> None:
+    """Native ``recis.ops.sparse_adagrad_update.sparse_adagrad_update`` (CPU, same arguments)."""
+    _adagrad_update(weight, grad_sq_sum, rows, grad, row_wise=False, **options)
+
+
+def sparse_row_wise_adagrad_update(
+    weight: torch.Tensor, grad_sq_sum: torch.Tensor, rows: torch.Tensor, grad: RowsOrPieces, **options
+) -> None:
+    """Native ``recis.ops.sparse_adagrad_update.sparse_row_wise_adagrad_update`` (CPU, same arguments)."""
+    _adagrad_update(weight, grad_sq_sum, rows, grad, row_wise=True, **options)
+
+
+def _adagrad_update(
+    weight: torch.Tensor,
+    grad_sq_sum: torch.Tensor,
+    rows: torch.Tensor,
+    grad: RowsOrPieces,
+    *,
+    row_wise: bool,
+    lr: float,
+    lr_decay: float,
+    initial_accumulator_value: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    step: int,
+    grad_sq: torch.Tensor | None = None,
+    grad_divisor: float = 1.0,
+    sum_repeated_rows: bool = False,
+) -> None:
+    """One pass over the touched rows: the gradient's pieces read in place, repeated rows summed inside."""
+    tables = (weight, grad_sq_sum)
+    if any(t.device.type != "cpu" or t.dtype not in _FLOATING or not t.is_contiguous() or t.dim() != 2 for t in tables):
+        layout = (
+            f"tables of {weight.dtype} on {weight.device} with a slot of {grad_sq_sum.dtype} on {grad_sq_sum.device}"
+        )
+        raise _unsupported("sparse_adagrad_update", f"{layout} (contiguous 2-D CPU tables only)")
+    compute_dtype = _compute_dtype(weight, grad_sq_sum)
+    pieces = [piece.to(compute_dtype) for piece in as_pieces(grad)]
+    squares = None if grad_sq is None else grad_sq.to(compute_dtype).contiguous()
+    torch.ops.recis.sparse_adagrad_update(
+        weight, grad_sq_sum, rows.contiguous(), pieces, squares, row_wise, adagrad_lr(lr, lr_decay, step),
+        initial_accumulator_value, eps, weight_decay, maximize, float(grad_divisor), sum_repeated_rows,
     )  # fmt: skip
 
 

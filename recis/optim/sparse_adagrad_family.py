@@ -141,15 +141,17 @@ class SparseAdagradFamily(SparseOptimizer):
         grad_divisor: int = 1,
         sum_repeated_rows: bool = False,
     ) -> None:
-        if sum_repeated_rows:  # the Adagrad kernels take distinct rows: sum first
-            rows, grad = coalesce_rows(rows, grad)
-        grad = joined(grad)
-        if grad_divisor != 1:
-            grad = grad / grad_divisor
-        if self.takes_grad_sq and grad_sq is None:
-            grad_sq = grad * grad
         recorded = self._update_info.due(step) and rows.numel() > 0
-        before = self._rows_and_state(table, rows, group) if recorded else None
+        before = None
+        if recorded:  # the record holds the distinct rows and their gradient: sum and divide first
+            if sum_repeated_rows:
+                rows, grad = coalesce_rows(rows, grad)
+            grad = joined(grad)
+            if grad_divisor != 1:
+                grad = grad / grad_divisor
+            grad_divisor, sum_repeated_rows = 1, False
+            before = self._rows_and_state(table, rows, group)
+        # A Sum variant given no grad_sq grows S by g^2, as the kernel does without one (no weight decay).
         sparse_adagrad_update_rows(
             table.weight,
             table.slot(self.slot_name),
@@ -164,6 +166,8 @@ class SparseAdagradFamily(SparseOptimizer):
             maximize=group["maximize"],
             step=step,
             grad_sq=grad_sq,
+            grad_divisor=grad_divisor,
+            sum_repeated_rows=sum_repeated_rows,
         )
         if before is not None:
             params_before, state_before = before
