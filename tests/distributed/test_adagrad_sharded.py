@@ -120,3 +120,29 @@ def test_the_sum_reference_differs_from_the_mean_over_workers():
     order = torch.sort(summed["ids"]).indices, torch.sort(averaged["ids"]).indices
     assert torch.equal(summed["ids"][order[0]], averaged["ids"][order[1]])
     assert not torch.allclose(summed["weight"][order[0]], averaged["weight"][order[1]], rtol=1e-3, atol=1e-4)
+
+
+def _train_with_and_without_recording(rank: int, world_size: int) -> dict:
+    results = {}
+    for interval in (0, 1):
+        model = TwoTables(ShardedHashTable)
+        optimizer = SparseRowWiseAdagrad(
+            filter_out_sparse_param(model), lr=0.05, weight_decay=0.1, save_update_info_interval=interval
+        )
+        sharded = ShardedOptimizer(optimizer)
+        train(model, sharded, global_batches(1), rank, world_size)
+        results[interval] = (trained_results(model, sharded, "sharded"), optimizer.get_step_update_info())
+    return results
+
+
+def test_recording_update_info_on_ranks_records_distinct_rows_and_changes_no_result():
+    # A recorded update sums the ranks' gradients of a row before the update (the record keeps
+    # one row each); an unrecorded one sums them inside the fused kernel: the same numbers.
+    for rank_results in run_ranks(2, _train_with_and_without_recording):
+        (plain, _), (recorded, info) = rank_results[0], rank_results[1]
+        for name, state in plain["owned"].items():
+            for key, value in state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(recorded["owned"][name][key])), (name, key)
+        for name in ("user", "item"):
+            rows = info[f"{name}_updated_indices"]
+            assert rows.numel() > 0 and rows.unique().numel() == rows.numel()
