@@ -317,14 +317,16 @@ def route(
     group: dist.ProcessGroup | None,
     error: Exception | None = None,
     flags: Sequence[int] | None = None,
+    owner_counts: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[Routing, list[torch.Tensor]]:
     """Group each table's ids by owner and swap the counts, in one collective for all tables.
 
     Returns the routing and each table's ids in owner order (what ``Routing.forward``
     sends); a tensor given for several tables (the same object: equal ids) is grouped once.
-    ``flags`` (one int >= 0 per table) reach every rank with the counts. With ``error``
-    (this rank's input was bad; ``ids`` should then be empty) the other ranks are told and
-    ``error`` is raised.
+    ``flags`` (one int >= 0 per table) reach every rank with the counts. ``owner_counts[t]``,
+    where given, says table t's ids are in owner order already, that many per rank: they are
+    not hashed again. With ``error`` (this rank's input was bad; ``ids`` should then be
+    empty) the other ranks are told and ``error`` is raised.
     """
     world_size, _ = group_size_and_rank(group)
     orders: list[torch.Tensor | None] = []
@@ -337,7 +339,8 @@ def route(
             sorted_ids.append(sorted_ids[first])
             counts.append(counts[first])
             continue
-        order, table_counts = _owner_order(table_ids, world_size)
+        known = owner_counts[t] if owner_counts is not None else None
+        order, table_counts = (None, known) if known is not None else _owner_order(table_ids, world_size)
         orders.append(order)
         sorted_ids.append(table_ids if order is None else table_ids.index_select(0, order))
         counts.append(table_counts)

@@ -100,6 +100,7 @@ class ShardedHashTable(HashTable):
         """``HashTable``'s arguments (RecIS's positional order included), and the process group."""
         super().__init__(embedding_shape, *args, **kwargs)
         self._served: _ServedRows | None = None
+        self._lookup_owners: tuple[torch.Tensor, torch.Tensor] | None = None  # see owner_counts_of
         self.process_group = process_group
         self.world_size, self.rank = group_size_and_rank(process_group)
         require_same_config(self.describe(), self._config(), process_group)
@@ -152,12 +153,24 @@ class ShardedHashTable(HashTable):
             return served.rows, torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
         return super().rows_to_update(ids)
 
-    def gradient_receiver(self, unique_ids: torch.Tensor, present: torch.Tensor | None = None) -> GradReceiver:
+    def gradient_receiver(
+        self, unique_ids: torch.Tensor, present: torch.Tensor | None = None, owner_counts: torch.Tensor | None = None
+    ) -> GradReceiver:
         """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id;
-        ids without a row at the lookup (``present`` False) get none, as in a one-process table."""
+        ids without a row at the lookup (``present`` False) get none, as in a one-process table.
+        ``owner_counts``: the ids are in owner order, ``owner_counts[r]`` of them owned by rank r
+        (``recis.ops.unique_by_owner``); kept for ``owner_counts_of``."""
+        self._lookup_owners = None if owner_counts is None else (unique_ids, owner_counts)
         if present is None:
             return partial(self.grad_buffer.add, unique_ids, distinct=True)
         return partial(_add_present, self.grad_buffer, unique_ids, present)
+
+    def owner_counts_of(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """How many of ``ids`` each rank owns, known without hashing them when ``ids`` is the very
+        tensor the last ``gradient_receiver`` got with its ``owner_counts`` (the gradient of one
+        lookup comes back keyed by it); else None."""
+        known = self._lookup_owners
+        return known[1] if known is not None and known[0] is ids else None
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ class _Request:
     shape: torch.Size
     ids: torch.Tensor  # distinct, in owner order (first appearance within an owner's)
     inverse: torch.Tensor  # batch position -> index into ids
+    owner_counts: torch.Tensor  # owner_counts[r]: how many of ids rank r owns
 
 
 def hook_code(hook: AdmitHook | None) -> int:
@@ -75,8 +76,8 @@ def input_dist(
     routing = route_grouped([counts for _, _, counts in uniques], group, error, flags=modes)
     _require_same_modes(tables, routing)
     requests = [
-        _Request(table, table_ids.shape, unique, inverse)
-        for table, table_ids, (unique, inverse, _) in zip(tables, ids, uniques)
+        _Request(table, table_ids.shape, unique, inverse, counts)
+        for table, table_ids, (unique, inverse, counts) in zip(tables, ids, uniques)
     ]
     return routing, requests, routing.forward([request.ids for request in requests])
 
@@ -168,7 +169,7 @@ def output_dist(routing: Routing, requests: Sequence[_Request], answers: Sequenc
         if table_rows[0].shape[1] > table.embedding_dim:  # the lookup may miss: presence flags came back
             flagged = torch.cat(table_rows)
             table_rows, present = flagged[:, :-1], flagged[:, -1] > 0.5
-        receiver = table.gradient_receiver(request.ids, present)
+        receiver = table.gradient_receiver(request.ids, present, request.owner_counts)
         expanded = table.differentiable(table_rows, request.inverse, receiver)
         outputs.append(expanded.reshape(*request.shape, *table.embedding_shape))
     return outputs

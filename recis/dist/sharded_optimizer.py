@@ -282,7 +282,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         local = [route_.source.grad_by_id() for route_ in self._routes]
         ids = [self._no_ids(route_) if g is None else g[0] for route_, g in zip(self._routes, local)]
         flags = [int(g is not None) for g in local]
-        routing, sorted_ids = route(ids, self.process_group, error, flags=flags)
+        known = [self._owner_counts(route_, g) for route_, g in zip(self._routes, local)]
+        routing, sorted_ids = route(ids, self.process_group, error, flags=flags, owner_counts=known)
         grads = [
             routing.by_owner(t, self._no_grad(route_) if g is None else g[1].to(_grad_dtype(route_.source)))
             for t, (route_, g) in enumerate(zip(self._routes, local))
@@ -362,6 +363,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         gathered = all_gather_blocks(blocks, self.process_group)
         for r, (route_, _) in enumerate(replicated):
             route_.source.write_rows(gathered[2 * r], gathered[2 * r + 1], {})
+
+    @staticmethod
+    def _owner_counts(route_: _Route, local: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """Per-rank counts of the local gradient's ids when they are known without hashing: the
+        gradient of one lookup of a sharded table, whose ids that lookup grouped by owner."""
+        if local is None or not isinstance(route_.source, ShardedHashTable):
+            return None
+        return route_.source.owner_counts_of(local[0])
 
     @staticmethod
     def _no_ids(route_: _Route) -> torch.Tensor:
