@@ -114,7 +114,7 @@ void sparse_adagrad_update(at::Tensor weight, at::Tensor slot, const at::Tensor&
   const RowPieces grad(grad_pieces, "sparse_adagrad_update");
   check_inputs(weight, slot, given_rows, grad, grad_sq, row_wise, sum_repeated_rows);
   TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
-  const TouchedRows touched(given_rows, sum_repeated_rows);
+  const TouchedRows touched(given_rows, sum_repeated_rows, weight.size(0));
   const int64_t dim = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, slot.scalar_type(), "recis_sparse_adagrad_slot", [&] {
     using S = scalar_t;

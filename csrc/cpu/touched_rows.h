@@ -61,11 +61,17 @@ class RowGradients {
 };
 
 // The rows to update: the given ones (distinct), or with sum_repeated_rows the distinct ones,
-// ascending, with the segments of their gradient rows (row_segments.h).
+// ascending, with the segments of their gradient rows (row_segments.h). Checks, before anything
+// is written, that every row lies in a table of table_rows rows.
 struct TouchedRows {
   at::Tensor rows, offsets, order;
 
-  TouchedRows(const at::Tensor& given, bool sum_repeated_rows) : rows(given) {
+  TouchedRows(const at::Tensor& given, bool sum_repeated_rows, int64_t table_rows) : rows(given) {
+    if (given.numel() > 0) {
+      const auto [low, high] = at::aminmax(given);
+      TORCH_CHECK_INDEX(low.item<int64_t>() >= 0 && high.item<int64_t>() < table_rows, "rows out of range [0, ",
+                        table_rows, "): ", low.item<int64_t>(), " .. ", high.item<int64_t>());
+    }
     if (sum_repeated_rows) std::tie(rows, offsets, order) = row_segments(given);
   }
 

@@ -159,8 +159,10 @@ class ShardedHashTable(HashTable):
         """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id;
         ids without a row at the lookup (``present`` False) get none, as in a one-process table.
         ``owner_counts``: the ids are in owner order, ``owner_counts[r]`` of them owned by rank r
-        (``recis.ops.unique_by_owner``); kept for ``owner_counts_of``."""
-        self._lookup_owners = None if owner_counts is None else (unique_ids, owner_counts)
+        (``recis.ops.unique_by_owner``); kept for ``owner_counts_of`` by a lookup that records
+        gradients (a lookup without them, an evaluation between backward and step, keeps them)."""
+        if torch.is_grad_enabled():
+            self._lookup_owners = None if owner_counts is None else (unique_ids, owner_counts)
         if present is None:
             return partial(self.grad_buffer.add, unique_ids, distinct=True)
         return partial(_add_present, self.grad_buffer, unique_ids, present)

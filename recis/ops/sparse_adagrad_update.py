@@ -98,6 +98,8 @@ def _update(
 ) -> None:
     if sum_repeated_rows and grad_sq is not None:
         raise ValueError("sparse_adagrad_update: grad_sq needs distinct rows; coalesce first")
+    if not grad_divisor > 0:
+        raise ValueError(f"sparse_adagrad_update: grad_divisor must be positive, got {grad_divisor}")
     compute_dtype = torch.promote_types(torch.promote_types(grad_sq_sum.dtype, weight.dtype), torch.float32)
     g = joined(grad).to(compute_dtype)
     if sum_repeated_rows:

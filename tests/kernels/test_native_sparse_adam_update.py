@@ -182,3 +182,18 @@ def test_repeated_rows_summed_inside_the_update_equal_coalescing_first(dtype, st
         if a is not None:
             assert torch.equal(a, b), name  # the same additions and the same update, in the same order
             assert_same(a, c, f"{name} against the torch kernel")
+
+
+@pytest.mark.parametrize("sum_repeated_rows", [False, True])
+@pytest.mark.parametrize("bad_row", [32, -1, 10**6])
+def test_a_row_outside_the_table_raises_index_error_and_changes_nothing(sum_repeated_rows, bad_row):
+    native = _table(32, 8, torch.float32, torch.float32, seed=10)
+    before = [t.clone() for t in native]
+    rows = torch.tensor([3, 3, bad_row]) if sum_repeated_rows else torch.tensor([3, bad_row])
+    with pytest.raises(IndexError, match=r"rows out of range \[0, 32\)"):
+        native_kernels.sparse_adam_update(
+            *native[:3], rows, torch.ones(rows.numel(), 8), step=1, row_steps=native[3], decay=WeightDecay.L2,
+            epsilon=EpsilonPlacement.CORRECTED, maximize=False, sum_repeated_rows=sum_repeated_rows, **HYPER,
+        )  # fmt: skip
+    for a, b in zip(native, before):
+        assert torch.equal(a, b)
