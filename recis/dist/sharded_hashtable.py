@@ -159,8 +159,8 @@ class ShardedHashTable(HashTable):
         """Where backward hands the gradient of the distinct ``unique_ids`` of one lookup: kept by id;
         ids without a row at the lookup (``present`` False) get none, as in a one-process table.
         ``owner_counts``: the ids are in owner order, ``owner_counts[r]`` of them owned by rank r
-        (``recis.ops.unique_by_owner``); kept for ``owner_counts_of`` by a lookup that records
-        gradients (a lookup without them, an evaluation between backward and step, keeps them)."""
+        (``recis.ops.unique_by_owner``); kept for ``owner_counts_of``. Only a lookup that records
+        gradients replaces them: an evaluation between backward and step leaves them as they are."""
         if torch.is_grad_enabled():
             self._lookup_owners = None if owner_counts is None else (unique_ids, owner_counts)
         if present is None:

@@ -144,30 +144,24 @@ def _adagrad_update(
     grad: RowsOrPieces,
     *,
     row_wise: bool,
-    lr: float,
-    lr_decay: float,
-    initial_accumulator_value: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
     step: int,
     grad_sq: torch.Tensor | None = None,
     grad_divisor: float = 1.0,
     sum_repeated_rows: bool = False,
+    **hyper,
 ) -> None:
     """One pass over the touched rows: the gradient's pieces read in place, repeated rows summed inside."""
     tables = (weight, grad_sq_sum)
     if any(t.device.type != "cpu" or t.dtype not in _FLOATING or not t.is_contiguous() or t.dim() != 2 for t in tables):
-        layout = (
-            f"tables of {weight.dtype} on {weight.device} with a slot of {grad_sq_sum.dtype} on {grad_sq_sum.device}"
-        )
+        layout = f"tables of {weight.dtype} on {weight.device}, a slot of {grad_sq_sum.dtype} on {grad_sq_sum.device}"
         raise _unsupported("sparse_adagrad_update", f"{layout} (contiguous 2-D CPU tables only)")
     compute_dtype = _compute_dtype(weight, grad_sq_sum)
     pieces = [piece.to(compute_dtype) for piece in as_pieces(grad)]
     squares = None if grad_sq is None else grad_sq.to(compute_dtype).contiguous()
     torch.ops.recis.sparse_adagrad_update(
-        weight, grad_sq_sum, rows.contiguous(), pieces, squares, row_wise, adagrad_lr(lr, lr_decay, step),
-        initial_accumulator_value, eps, weight_decay, maximize, float(grad_divisor), sum_repeated_rows,
+        weight, grad_sq_sum, rows.contiguous(), pieces, squares, row_wise,
+        adagrad_lr(hyper["lr"], hyper["lr_decay"], step), hyper["initial_accumulator_value"], hyper["eps"],
+        hyper["weight_decay"], hyper["maximize"], float(grad_divisor), sum_repeated_rows,
     )  # fmt: skip
 
 

@@ -4,10 +4,10 @@ One call updates ``weight`` and its accumulator slot ``grad_sq_sum`` at ``rows``
 gradient ``grad / grad_divisor`` (``grad`` perhaps in pieces, ``recis.ops.row_pieces``), in
 float32, or float64 when the rows or the slot are float64. ``rows`` are distinct, or with
 ``sum_repeated_rows`` may repeat: a row's gradient rows are then summed first, in input
-order (``coalesce_rows``), and the row updated once. With g the gradient of a row (``-g`` when maximizing), theta the
-row, t the table's step count including this update, init the initial accumulator
-value and S the slot (the sum of squares since the row was created, so that a fresh
-row's zero slot means an accumulator of init):
+order (``coalesce_rows``), and the row updated once. With g the gradient of a row (``-g``
+when maximizing), theta the row, t the table's step count including this update, init the
+initial accumulator value and S the slot (the sum of squares since the row was created, so
+that a fresh row's zero slot means an accumulator of init):
 
     g     += wd * theta                              (L2, on the value before the update)
     S     += g^2                (element-wise)    or  mean_j g_j^2   (row-wise: one per row)
