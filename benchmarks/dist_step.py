@@ -26,6 +26,8 @@ medians and, as "paired", the median of the per-round ratios):
      sharded as TorchRec's planner chooses on CPU, FBGEMM's fused EXACT_ROWWISE_ADAGRAD
      (no Adam on CPU) applied in backward, the same ids.  Target <= 0.8.  Also with the
      engine's optimizer SparseRowWiseAdagrad, TorchRec's (no target): the same update rule.
+  f  (not in the default) case e's engine and TorchRec steps at 16 samples per rank: what a step
+     costs whatever the batch (per-table work, collectives).
   s  (not in the default) the sharded step on 1, 2 and 4 ranks sharing the 2 cores, one table
      of 262,144 x 64 rows, a global batch of 16,384 ids; ratio against 1 rank.
 
@@ -92,6 +94,7 @@ WORKLOADS = {
     "26_tables": Workload(rows=65_536, dims=DIMS_26, batch=4_096, seed=2),
     "small": Workload(rows=262_144, dims=(64,), batch=16_384, seed=3),
     "engine_26": Workload(rows=65_536, dims=DIMS_26, batch=16_384, seed=4),  # 8,192 samples per rank on 2
+    "engine_26_tiny": Workload(rows=65_536, dims=DIMS_26, batch=32, seed=4),  # 16 per rank: the fixed cost
 }
 
 
@@ -339,6 +342,10 @@ VARIANTS: dict[str, Callable[[int, int], Step]] = {
     "torchrec_ebc_26": lambda rank, size: TorchRecCollectionStep(
         WORKLOADS["engine_26"], "EXACT_ROWWISE_ADAGRAD", rank, size
     ),
+    "engine_26_tiny": lambda rank, size: EngineStep(WORKLOADS["engine_26_tiny"], rank, size),
+    "torchrec_ebc_26_tiny": lambda rank, size: TorchRecCollectionStep(
+        WORKLOADS["engine_26_tiny"], "EXACT_ROWWISE_ADAGRAD", rank, size
+    ),
 }
 
 
@@ -475,6 +482,7 @@ CASES = {
         Case("e", ("2", "engine_26"), ("2", "torchrec_ebc_26"), 0.8, "EmbeddingEngine, 26 features vs TorchRec EBC"),
         Case("e", ("2", "engine_26_rowwise"), ("2", "torchrec_ebc_26"), None, "the same, both row-wise Adagrad"),
     ],
+    "f": [Case("f", ("2", "engine_26_tiny"), ("2", "torchrec_ebc_26_tiny"), None, "case e at 16 samples per rank")],
     "s": [
         Case("s", ("2", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 2 ranks vs 1"),
         Case("s", ("4", "sharded_small"), ("1", "sharded_small"), None, "262k rows: 4 ranks vs 1"),
