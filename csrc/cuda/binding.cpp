@@ -90,7 +90,8 @@ void sparse_adam_update_op(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};
   check(recis::cuda::sparse_adam_update(weight.data_ptr(), row_type_of(weight), exp_avg.data_ptr<float>(),
                                         exp_avg_sq.data_ptr<float>(), rows.data_ptr<int64_t>(), rows.numel(),
-                                        final_grad.data_ptr<float>(), weight.size(1), steps, hyper, stream()),
+                                        weight.size(0), final_grad.data_ptr<float>(), weight.size(1), steps, hyper,
+                                        stream()),
         "sparse_adam_update");
 }
 

@@ -15,11 +15,12 @@ namespace recis::cuda {
 
 enum class RowType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Fused Adam-family update of `count` distinct rows (common/adam_rule.h): float32 slots,
-// rows of `row_type`, grad (count, dim) float32; row_steps null in table mode.
+// Fused Adam-family update of `count` distinct rows (common/adam_rule.h) of a table of
+// `table_rows` rows: float32 slots, rows of `row_type`, grad (count, dim) float32; row_steps
+// null in table mode. A row outside the table stops the kernel with a device-side assertion.
 cudaError_t sparse_adam_update(void* weight, RowType row_type, float* exp_avg, float* exp_avg_sq, const int64_t* rows,
-                               int64_t count, const float* grad, int64_t dim, int64_t* row_steps,
-                               const AdamHyper& hyper, cudaStream_t stream);
+                               int64_t count, int64_t table_rows, const float* grad, int64_t dim,
+                               int64_t* row_steps, const AdamHyper& hyper, cudaStream_t stream);
 
 // Coalescing, in two launches around one read of the unique count by the caller:
 // coalesce_group sorts (stable radix) and finds the segments; the number of distinct rows

@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cassert>
+
 #include "launchers.h"
 
 namespace recis::cuda {
@@ -73,12 +75,16 @@ __device__ __forceinline__ void store_chunk(const Chunk<W, VEC>& c, W* w, float*
 
 template <typename W, int VEC>
 __global__ void update_rows(W* weight, float* exp_avg, float* exp_avg_sq, const int64_t* rows, int64_t count,
-                            const float* grad, int64_t dim, int64_t* row_steps, AdamScalars<float> s, double lr,
-                            double beta1, double beta2) {
+                            int64_t table_rows, const float* grad, int64_t dim, int64_t* row_steps,
+                            AdamScalars<float> s, double lr, double beta1, double beta2) {
   const int lane = threadIdx.x % kWarp;
   const int64_t u = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (u >= count) return;  // whole warps leave together
   const int64_t r = rows[u];
+  // As torch's CUDA indexing does: no host synchronization to check rows before the launch (a
+  // sparse step must not wait for the GPU), so a row outside the table stops the kernel here,
+  // asserting whether or not NDEBUG is defined, before that row is touched.
+  if (r < 0 || r >= table_rows) __assert_fail("row < table_rows", __FILE__, __LINE__, __func__);
   RowStep<float> step{};
   const bool per_row = row_steps != nullptr;
   if (per_row) {
@@ -108,7 +114,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 template <typename W>
 cudaError_t launch(W* weight, float* exp_avg, float* exp_avg_sq, const int64_t* rows, int64_t count,
-                   const float* grad, int64_t dim, int64_t* row_steps, const AdamHyper& hyper, cudaStream_t stream) {
+                   int64_t table_rows, const float* grad, int64_t dim, int64_t* row_steps, const AdamHyper& hyper,
+                   cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(W);
   const AdamScalars<float> s = adam_scalars<float>(hyper);
@@ -117,11 +124,11 @@ cudaError_t launch(W* weight, float* exp_avg, float* exp_avg_sq, const int64_t* 
   const bool vectorized = dim % kVec == 0 && aligned16(weight) && aligned16(exp_avg) && aligned16(exp_avg_sq) &&
                           aligned16(grad) && (dim * sizeof(W)) % 16 == 0 && (dim * sizeof(float)) % 16 == 0;
   if (vectorized) {
-    update_rows<W, kVec><<<blocks, threads, 0, stream>>>(weight, exp_avg, exp_avg_sq, rows, count, grad, dim,
-                                                         row_steps, s, hyper.lr, hyper.beta1, hyper.beta2);
+    update_rows<W, kVec><<<blocks, threads, 0, stream>>>(weight, exp_avg, exp_avg_sq, rows, count, table_rows, grad,
+                                                         dim, row_steps, s, hyper.lr, hyper.beta1, hyper.beta2);
   } else {
-    update_rows<W, 1><<<blocks, threads, 0, stream>>>(weight, exp_avg, exp_avg_sq, rows, count, grad, dim, row_steps,
-                                                      s, hyper.lr, hyper.beta1, hyper.beta2);
+    update_rows<W, 1><<<blocks, threads, 0, stream>>>(weight, exp_avg, exp_avg_sq, rows, count, table_rows, grad, dim,
+                                                      row_steps, s, hyper.lr, hyper.beta1, hyper.beta2);
   }
   return cudaGetLastError();
 }
@@ -129,18 +136,18 @@ cudaError_t launch(W* weight, float* exp_avg, float* exp_avg_sq, const int64_t* 
 }  // namespace
 
 cudaError_t sparse_adam_update(void* weight, RowType row_type, float* exp_avg, float* exp_avg_sq, const int64_t* rows,
-                               int64_t count, const float* grad, int64_t dim, int64_t* row_steps,
-                               const AdamHyper& hyper, cudaStream_t stream) {
+                               int64_t count, int64_t table_rows, const float* grad, int64_t dim,
+                               int64_t* row_steps, const AdamHyper& hyper, cudaStream_t stream) {
   switch (row_type) {
     case RowType::kFloat32:
-      return launch(static_cast<float*>(weight), exp_avg, exp_avg_sq, rows, count, grad, dim, row_steps, hyper,
-                    stream);
-    case RowType::kBFloat16:
-      return launch(static_cast<__nv_bfloat16*>(weight), exp_avg, exp_avg_sq, rows, count, grad, dim, row_steps,
+      return launch(static_cast<float*>(weight), exp_avg, exp_avg_sq, rows, count, table_rows, grad, dim, row_steps,
                     hyper, stream);
+    case RowType::kBFloat16:
+      return launch(static_cast<__nv_bfloat16*>(weight), exp_avg, exp_avg_sq, rows, count, table_rows, grad, dim,
+                    row_steps, hyper, stream);
     case RowType::kFloat16:
-      return launch(static_cast<__half*>(weight), exp_avg, exp_avg_sq, rows, count, grad, dim, row_steps, hyper,
-                    stream);
+      return launch(static_cast<__half*>(weight), exp_avg, exp_avg_sq, rows, count, table_rows, grad, dim, row_steps,
+                    hyper, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -8,6 +8,9 @@ this file.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -102,3 +105,26 @@ def test_a_sparse_step_on_cuda_does_not_synchronize_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_a_row_outside_the_table_stops_the_cuda_update_with_a_device_side_assertion():
+    """As torch's CUDA indexing does (the step does not synchronize to check rows first). The
+    assertion leaves the process's CUDA context unusable, so a child process provokes it."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from recis.ops import native_kernels
+        from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
+
+        weight, exp_avg, exp_avg_sq = (torch.zeros(32, 8, device="cuda") for _ in range(3))
+        rows, grad = torch.tensor([3, 32], device="cuda"), torch.ones(2, 8, device="cuda")
+        native_kernels.sparse_adam_update(
+            weight, exp_avg, exp_avg_sq, rows, grad, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+            decay=WeightDecay.DECOUPLED, epsilon=EpsilonPlacement.CORRECTED, maximize=False, step=1,
+        )
+        torch.cuda.synchronize()
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode != 0
+    assert "device-side assert" in child.stdout + child.stderr, child.stderr[-2000:]
