@@ -100,7 +100,7 @@ void check_inputs(const at::Tensor& weight, const at::Tensor& slot, const at::Te
   TORCH_CHECK(grad.width() == weight.size(1), "grad: (n, dim)");
   TORCH_CHECK(grad.rows() == rows.numel(), "grad must have one row per touched row");
   if (grad_sq.has_value()) {
-    TORCH_CHECK(!sum_repeated_rows, "grad_sq needs distinct rows (coalesce first)");
+    TORCH_CHECK_VALUE(!sum_repeated_rows, "grad_sq needs distinct rows (coalesce first)");
     TORCH_CHECK(grad_sq->scalar_type() == compute && grad_sq->is_contiguous() && grad_sq->dim() == 2 &&
                     grad_sq->size(0) == rows.numel() && grad_sq->size(1) == weight.size(1),
                 "grad_sq: contiguous (n, dim) in the compute dtype");
@@ -113,7 +113,7 @@ void sparse_adagrad_update(at::Tensor weight, at::Tensor slot, const at::Tensor&
                            double grad_divisor, bool sum_repeated_rows) {
   const RowPieces grad(grad_pieces, "sparse_adagrad_update");
   check_inputs(weight, slot, given_rows, grad, grad_sq, row_wise, sum_repeated_rows);
-  TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
+  TORCH_CHECK_VALUE(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
   const TouchedRows touched(given_rows, sum_repeated_rows, weight.size(0));
   const int64_t dim = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, slot.scalar_type(), "recis_sparse_adagrad_slot", [&] {

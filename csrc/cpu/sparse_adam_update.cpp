@@ -111,7 +111,7 @@ void sparse_adam_update(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_av
                         int64_t step, double grad_divisor, bool sum_repeated_rows) {
   const RowPieces grad(grad_pieces, "sparse_adam_update");
   check_inputs(weight, exp_avg, exp_avg_sq, given_rows, grad, row_steps);
-  TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
+  TORCH_CHECK_VALUE(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
   const TouchedRows touched(given_rows, sum_repeated_rows, weight.size(0));
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, static_cast<WeightDecay>(decay),
                         static_cast<EpsilonPlacement>(epsilon), maximize, step};

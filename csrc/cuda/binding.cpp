@@ -56,7 +56,7 @@ RowType row_type_of(const at::Tensor& weight) {
 
 // The kernel takes the final gradient: a divisor (mean over workers) is applied by torch first.
 at::Tensor divided(const at::Tensor& grad, double grad_divisor) {
-  TORCH_CHECK(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
+  TORCH_CHECK_VALUE(grad_divisor > 0, "grad_divisor must be positive, got ", grad_divisor);
   return grad_divisor == 1.0 ? grad : grad / grad_divisor;
 }
 

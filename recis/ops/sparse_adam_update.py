@@ -64,6 +64,8 @@ def sparse_adam_update(
     workers or accumulation steps). ``grad`` may come in pieces (``recis.ops.row_pieces``).
     ``rows`` are distinct, or with ``sum_repeated_rows`` may repeat: the gradient rows of a row
     are then summed in the compute dtype, in input order (``coalesce_rows``), and the row updated once."""
+    if not grad_divisor > 0:  # a zero or negative divisor would write inf or flipped steps into the table
+        raise ValueError(f"sparse_adam_update: grad_divisor must be positive, got {grad_divisor}")
     compute_dtype = torch.promote_types(torch.promote_types(exp_avg.dtype, weight.dtype), torch.float32)
     grad = joined(grad).to(compute_dtype)
     if sum_repeated_rows:

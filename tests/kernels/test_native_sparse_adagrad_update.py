@@ -142,19 +142,19 @@ def test_a_layout_the_kernel_does_not_take_is_an_error_that_names_the_torch_back
 
 
 @pytest.mark.parametrize(
-    ("slot_width", "grad_rows", "extra", "message"),
+    ("slot_width", "grad_rows", "extra", "error", "message"),
     [
-        (4, 1, {}, r"slot must be a contiguous \(rows, 1\)"),
-        (1, 2, {}, "one row per touched row"),
-        (1, 1, {"grad_divisor": 0.0}, "grad_divisor must be positive"),
-        (1, 1, {"grad_sq": torch.ones(1, 4), "sum_repeated_rows": True}, "grad_sq needs distinct rows"),
+        (4, 1, {}, RuntimeError, r"slot must be a contiguous \(rows, 1\)"),
+        (1, 2, {}, RuntimeError, "one row per touched row"),
+        (1, 1, {"grad_divisor": 0.0}, ValueError, "grad_divisor must be positive"),
+        (1, 1, {"grad_sq": torch.ones(1, 4), "sum_repeated_rows": True}, ValueError, "grad_sq needs distinct rows"),
     ],
     ids=["slot-width", "grad-rows", "divisor", "grad-sq-with-repeats"],
 )
-def test_bad_arguments_raise_and_change_nothing(slot_width, grad_rows, extra, message):
+def test_bad_arguments_raise_and_change_nothing(slot_width, grad_rows, extra, error, message):
     weight, slot = torch.randn(8, 4), torch.rand(8, slot_width)
     before = (weight.clone(), slot.clone())
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(error, match=message):
         native_kernels.sparse_row_wise_adagrad_update(
             weight, slot, torch.tensor([2]), torch.ones(grad_rows, 4), step=1, **{**HYPER, **extra}
         )
@@ -172,4 +172,23 @@ def test_a_row_outside_the_table_raises_index_error_and_changes_nothing(variant,
         getattr(native_kernels, variant)(
             weight, slot, rows, torch.ones(rows.numel(), 4), step=1, sum_repeated_rows=sum_repeated_rows, **HYPER
         )
+    assert torch.equal(weight, before[0]) and torch.equal(slot, before[1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", [sparse_adagrad_update, native_kernels], ids=["torch", "native"])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"grad_divisor": 0.0}, "grad_divisor must be positive"),
+        ({"grad_divisor": -1.0}, "grad_divisor must be positive"),
+        ({"grad_sq": torch.ones(2, 4), "sum_repeated_rows": True}, "grad_sq needs distinct rows"),
+    ],
+    ids=["zero-divisor", "negative-divisor", "grad-sq-with-repeats"],
+)
+def test_bad_values_raise_value_error_on_both_backends_and_change_nothing(variant, backend, extra, message):
+    weight, slot = _table(variant, 8, 4, torch.float32, torch.float32, seed=12)
+    before = (weight.clone(), slot.clone())
+    with pytest.raises(ValueError, match=message):
+        getattr(backend, variant)(weight, slot, torch.tensor([2, 5]), torch.ones(2, 4), step=1, **{**HYPER, **extra})
     assert torch.equal(weight, before[0]) and torch.equal(slot, before[1])

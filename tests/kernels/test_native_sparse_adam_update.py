@@ -197,3 +197,17 @@ def test_a_row_outside_the_table_raises_index_error_and_changes_nothing(sum_repe
         )  # fmt: skip
     for a, b in zip(native, before):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("update", [sparse_adam_update, native_kernels.sparse_adam_update], ids=["torch", "native"])
+@pytest.mark.parametrize("divisor", [0.0, -2.0])
+def test_a_divisor_that_is_not_positive_raises_value_error_on_both_backends_and_changes_nothing(update, divisor):
+    tensors = _table(32, 8, torch.float32, torch.float32, seed=11)
+    before = [t.clone() for t in tensors]
+    with pytest.raises(ValueError, match="grad_divisor must be positive"):
+        update(
+            *tensors[:3], torch.tensor([3, 5]), torch.ones(2, 8), step=1, grad_divisor=divisor, decay=WeightDecay.L2,
+            epsilon=EpsilonPlacement.CORRECTED, maximize=False, **HYPER,
+        )  # fmt: skip
+    for a, b in zip(tensors, before):
+        assert torch.equal(a, b)
