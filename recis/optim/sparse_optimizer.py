@@ -342,6 +342,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         of that count.
         """
         group = self.group_of(table) if group is None else group
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"{type(self).__name__}.apply_gradient: workers must be an int >= 1, got {workers!r}")
         if grad_sq is not None and not self.takes_grad_sq:
             raise TypeError(f"{type(self).__name__} takes no grad_sq (only the Adagrad 'Sum' variants do)")
         if rows_repeat and (grad_sq is not None or group["skip_nonfinite"]):  # these need the sums per row

@@ -114,8 +114,10 @@ def test_a_row_outside_the_table_stops_the_cuda_update_with_a_device_side_assert
         """
         import torch
         from recis.ops import native_kernels
+        from recis.ops.native_library import load_native_library
         from recis.ops.sparse_adam_update import EpsilonPlacement, WeightDecay
 
+        load_native_library()
         weight, exp_avg, exp_avg_sq = (torch.zeros(32, 8, device="cuda") for _ in range(3))
         rows, grad = torch.tensor([3, 32], device="cuda"), torch.ones(2, 8, device="cuda")
         native_kernels.sparse_adam_update(

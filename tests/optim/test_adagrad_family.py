@@ -339,3 +339,18 @@ def test_super_param_state_round_trips_the_live_hyperparameters(optimizer_cls):
     with pytest.raises(ValueError, match="-1.0"):
         optimizer.load_super_param_state_dict({"lr_decay": -1.0})
     assert optimizer.super_param_state_dict() == new
+
+
+@pytest.mark.parametrize("optimizer_cls", [SparseAdagrad, SparseRowWiseAdagrad, SparseAdamW])  # Sum variants ignore it
+@pytest.mark.parametrize("interval", [0, 1], ids=["plain", "recording"])  # recording divides before the kernel
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_a_workers_count_that_is_not_a_positive_int_raises_and_changes_nothing(optimizer_cls, interval, workers):
+    table = HashTable(3, name="t")
+    options = {} if optimizer_cls is SparseAdamW else dict(HYPER, save_update_info_interval=interval)
+    optimizer = optimizer_cls([table], lr=0.1) if optimizer_cls is SparseAdamW else optimizer_cls([table], **options)
+    _train(table, optimizer, range(2))
+    rows = table.rows_for(torch.tensor([1, 2]))
+    before = _snapshot(table, optimizer)
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        optimizer.apply_gradient(table, rows, torch.ones(2, 3), workers=workers)
+    _assert_equal(_snapshot(table, optimizer), before)
