@@ -69,8 +69,9 @@ struct TouchedRows {
   TouchedRows(const at::Tensor& given, bool sum_repeated_rows, int64_t table_rows) : rows(given) {
     if (given.numel() > 0) {
       const auto [low, high] = at::aminmax(given);
-      TORCH_CHECK_INDEX(low.item<int64_t>() >= 0 && high.item<int64_t>() < table_rows, "rows out of range [0, ",
-                        table_rows, "): ", low.item<int64_t>(), " .. ", high.item<int64_t>());
+      const int64_t first = low.item<int64_t>(), last = high.item<int64_t>();
+      TORCH_CHECK_INDEX(first >= 0 && last < table_rows, "rows out of range [0, ", table_rows, "): ", first, " .. ",
+                        last);
     }
     if (sum_repeated_rows) std::tie(rows, offsets, order) = row_segments(given);
   }
