@@ -47,6 +47,15 @@ class RowGradients {
   RowGradients(const RowPieces& pieces, const int64_t* offsets, const int64_t* order)
       : pieces_(pieces), offsets_(offsets), order_(order) {}
 
+  // Grouped by row, the gradient rows of the u-th row lie anywhere in the pieces: fetch them
+  // ahead, as the rows are. Without groups they are read in order, which the hardware follows.
+  void prefetch(int64_t u) const {
+    if (offsets_ == nullptr) return;
+    for (int64_t k = offsets_[u]; k < offsets_[u + 1]; ++k) {
+      prefetch_row_for_reading(pieces_.row(order_[k]), pieces_.row_bytes());
+    }
+  }
+
   const C* of(int64_t u, C* sum) const {
     if (offsets_ == nullptr) return pieces_.row_as<C>(u);
     if (offsets_[u + 1] - offsets_[u] == 1) return pieces_.row_as<C>(order_[offsets_[u]]);  // no copy
@@ -84,7 +93,8 @@ struct TouchedRows {
 };
 
 // For u in [0, count): updater(u, rows[u], g) with g the u-th row's gradient divided by
-// grad_divisor (in C, as torch divides), after updater.prefetch(rows[u + kPrefetchDistance]).
+// grad_divisor (in C, as torch divides), after prefetching the row and the gradient rows
+// kPrefetchDistance rows ahead.
 // make_updater() is called once per parallel chunk: each chunk has its own buffers.
 template <typename C, typename MakeUpdater>
 void for_each_touched_row(const int64_t* rows, int64_t count, const RowGradients<C>& grads, C grad_divisor,
@@ -94,7 +104,10 @@ void for_each_touched_row(const int64_t* rows, int64_t count, const RowGradients
     auto updater = make_updater();
     std::vector<C> quotient(grad_divisor == C(1) ? 0 : dim), sum(dim);
     for (int64_t u = begin; u < end; ++u) {
-      if (u + kPrefetchDistance < end) updater.prefetch(rows[u + kPrefetchDistance]);
+      if (u + kPrefetchDistance < end) {
+        updater.prefetch(rows[u + kPrefetchDistance]);
+        grads.prefetch(u + kPrefetchDistance);
+      }
       const C* g = grads.of(u, sum.data());
       if (!quotient.empty()) {
         for (int64_t j = 0; j < dim; ++j) quotient[j] = g[j] / grad_divisor;

@@ -60,10 +60,22 @@ inline void prefetch_write(const void* p) {
 #endif
 }
 
-// Prefetch the cache lines of a row of `bytes` bytes.
+inline void prefetch_read(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Prefetch the cache lines of a row of `bytes` bytes that will be written.
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t b = 0; b < bytes; b += 64) prefetch_write(p + b);
+}
+
+// Prefetch the cache lines of a row of `bytes` bytes that will only be read.
+inline void prefetch_row_for_reading(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) prefetch_read(p + b);
 }
 
 }  // namespace recis::cpu
