@@ -18,8 +18,8 @@ at::Tensor gather_rows(at::TensorList pieces_in, const at::Tensor& index_in) {
   const int64_t n = index.numel();
   if (n > 0) {
     const auto [low, high] = at::aminmax(index);
-    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < pieces.rows(), "gather_rows: index out of range [0, ",
-                pieces.rows(), ")");
+    TORCH_CHECK_INDEX(low.item<int64_t>() >= 0 && high.item<int64_t>() < pieces.rows(),  // IndexError, as index_select
+                      "gather_rows: index out of range [0, ", pieces.rows(), ")");
   }
   at::Tensor out = at::empty({n, pieces.width()}, pieces.options());
   const int64_t* position = index.data_ptr<int64_t>();
