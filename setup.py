@@ -1,8 +1,10 @@
 """Build script: the native kernels of csrc/ as the extension ``recis._C``.
 
 The CPU kernels are always built; the CUDA kernels too when torch has CUDA and a CUDA
-toolkit is found. The build needs the installed torch, so install without build
-isolation (an isolated build would download another torch):
+toolkit is found (with no GPU visible and TORCH_CUDA_ARCH_LIST unset, for the
+architectures torch was built for: recis/ops/native_library.py). The build needs the
+installed torch, so install without build isolation (an isolated build would download
+another torch):
 
     pip install --no-build-isolation -e .
 
@@ -40,6 +42,7 @@ def _native_extension() -> dict:
     flags = {"cxx": ["-O3"]}
     extension = CppExtension
     if library.cuda_buildable():
+        library.choose_cuda_arch_list()
         sources += library.cuda_sources(ROOT / "csrc")
         flags = {"cxx": ["-O3", "-DRECIS_WITH_CUDA"], "nvcc": ["-O3"]}
         extension = CUDAExtension

@@ -4,11 +4,19 @@ The library built by ``setup.py`` (``recis/_C*.so``) is loaded when present; oth
 the sources are compiled once with ``torch.utils.cpp_extension.load`` (cached under
 ``TORCH_EXTENSIONS_DIR``, about half a minute on 2 cores), with the CUDA kernels when
 torch has CUDA and a CUDA toolkit is found.
+
+Where no GPU is visible at build time (a container build, a login node) and
+``TORCH_CUDA_ARCH_LIST`` is unset, torch cannot tell which GPUs to compile for (torch
+2.13 fails with an IndexError); the kernels are then built for the architectures torch
+itself was built for (``cuda_arch_list``).
 """
 
 from __future__ import annotations
 
 import importlib.machinery
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -29,10 +37,64 @@ def cuda_sources(csrc: Path = CSRC_DIR) -> list[Path]:
 
 
 def cuda_buildable() -> bool:
-    """Whether this torch has CUDA and a CUDA toolkit to compile with."""
+    """Whether this torch has CUDA and a CUDA toolkit to compile with: nvcc and the runtime
+    headers, which torch looks for under ``CUDA_HOME`` (guessed from the nvcc on the PATH when
+    unset) or ``CUDA_INC_PATH``. Without the headers only the CPU kernels are built, and it says so."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    includes = [Path(CUDA_HOME) / "include"]
+    if os.environ.get("CUDA_INC_PATH"):
+        includes.append(Path(os.environ["CUDA_INC_PATH"]))
+    if not any((include / "cuda_runtime.h").exists() for include in includes):
+        print(
+            f"recis: torch has CUDA but there is no cuda_runtime.h in {', '.join(map(str, includes))}: "
+            "building the CPU kernels only (set CUDA_HOME to the CUDA toolkit for the CUDA kernels)"
+        )
+        return False
+    return True
+
+
+def cuda_arch_list() -> str | None:
+    """The ``TORCH_CUDA_ARCH_LIST`` to build the CUDA kernels with when none is set and no GPU is
+    visible: the architectures torch was built for that this toolkit's nvcc compiles, the newest
+    also as PTX (for later GPUs), e.g. ``"7.5;8.0;9.0+PTX"``. None when the user set one, a GPU is
+    visible (torch then compiles for the visible GPUs) or nothing is known."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return None
+    arches = [arch[3:] for arch in torch.cuda.get_arch_list() if re.fullmatch(r"sm_\d+", arch)]
+    compilable = _nvcc_arches()
+    if compilable is not None:
+        arches = [arch for arch in arches if arch in compilable]
+    if not arches:
+        return None
+    versions = [f"{arch[:-1]}.{arch[-1]}" for arch in sorted(arches, key=int)]
+    return ";".join(versions) + "+PTX"
+
+
+def _nvcc_arches() -> set[str] | None:
+    """The ``NN`` of every ``compute_NN`` this toolkit's nvcc lists, or None when it cannot say."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return None
+    try:
+        listed = subprocess.run(
+            [str(Path(CUDA_HOME) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = set(re.findall(r"compute_(\d+)\b", listed.stdout))
+    return found if listed.returncode == 0 and found else None
+
+
+def choose_cuda_arch_list() -> None:
+    """Set ``TORCH_CUDA_ARCH_LIST`` to ``cuda_arch_list()`` where that gives one, and say so."""
+    arch_list = cuda_arch_list()
+    if arch_list is not None:
+        print(f"recis: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for {arch_list}")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
 
 
 def _prebuilt() -> Path | None:
@@ -51,6 +113,7 @@ def _jit_build() -> None:
     sources = cpu_sources()
     flags = {"extra_cflags": ["-O3"]}
     if cuda_buildable():
+        choose_cuda_arch_list()
         sources += cuda_sources()
         flags.update(extra_cuda_cflags=["-O3"], extra_cflags=["-O3", "-DRECIS_WITH_CUDA"])
     load(name="recis_native", sources=[str(s) for s in sources], is_python_module=False, **flags)
