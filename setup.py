@@ -42,7 +42,7 @@ def _native_extension() -> dict:
     flags = {"cxx": ["-O3"]}
     extension = CppExtension
     if library.cuda_buildable():
-        library.choose_cuda_arch_list()
+        os.environ.update(library.cuda_build_environment())  # for torch's build, in this process only
         sources += library.cuda_sources(ROOT / "csrc")
         flags = {"cxx": ["-O3", "-DRECIS_WITH_CUDA"], "nvcc": ["-O3"]}
         extension = CUDAExtension

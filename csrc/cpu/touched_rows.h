@@ -17,7 +17,8 @@
 
 namespace recis::cpu {
 
-constexpr int64_t kPrefetchDistance = 4;  // rows ahead
+constexpr int64_t kPrefetchDistance = 4;       // rows ahead
+constexpr int64_t kMaxPrefetchedRepeats = 16;  // gradient rows of one row
 
 // A row of T seen in the compute type C: the row itself when T is C, else a widened
 // copy (in `buffer`) that store() rounds back.
@@ -48,10 +49,13 @@ class RowGradients {
       : pieces_(pieces), offsets_(offsets), order_(order) {}
 
   // Grouped by row, the gradient rows of the u-th row lie anywhere in the pieces: fetch them
-  // ahead, as the rows are. Without groups they are read in order, which the hardware follows.
+  // ahead, as the rows are (the first kMaxPrefetchedRepeats of a row repeated more often, so that
+  // a very hot row does not flush the cache). Without groups they are read in order, which the
+  // hardware follows.
   void prefetch(int64_t u) const {
     if (offsets_ == nullptr) return;
-    for (int64_t k = offsets_[u]; k < offsets_[u + 1]; ++k) {
+    const int64_t end = std::min(offsets_[u + 1], offsets_[u] + kMaxPrefetchedRepeats);
+    for (int64_t k = offsets_[u]; k < end; ++k) {
       prefetch_row_for_reading(pieces_.row(order_[k]), pieces_.row_bytes());
     }
   }

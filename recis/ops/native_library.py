@@ -8,15 +8,18 @@ torch has CUDA and a CUDA toolkit is found.
 Where no GPU is visible at build time (a container build, a login node) and
 ``TORCH_CUDA_ARCH_LIST`` is unset, torch cannot tell which GPUs to compile for (torch
 2.13 fails with an IndexError); the kernels are then built for the architectures torch
-itself was built for (``cuda_arch_list``).
+itself was built for (``cuda_arch_list``). A toolkit whose runtime headers cannot be
+found gives the CPU kernels only, with a message (``cuda_buildable``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,30 +40,43 @@ def cuda_sources(csrc: Path = CSRC_DIR) -> list[Path]:
 
 
 def cuda_buildable() -> bool:
-    """Whether this torch has CUDA and a CUDA toolkit to compile with: nvcc and the runtime
-    headers, which torch looks for under ``CUDA_HOME`` (guessed from the nvcc on the PATH when
-    unset) or ``CUDA_INC_PATH``. Without the headers only the CPU kernels are built, and it says so."""
+    """Whether this torch has CUDA and a CUDA toolkit to compile with: nvcc and the runtime headers
+    (``cuda_include_dir``). Without the headers only the CPU kernels are built, and it says so."""
     from torch.utils.cpp_extension import CUDA_HOME
 
     if torch.version.cuda is None or CUDA_HOME is None:
         return False
-    includes = [Path(CUDA_HOME) / "include"]
-    if os.environ.get("CUDA_INC_PATH"):
-        includes.append(Path(os.environ["CUDA_INC_PATH"]))
-    if not any((include / "cuda_runtime.h").exists() for include in includes):
+    if cuda_include_dir() is None:
         print(
-            f"recis: torch has CUDA but there is no cuda_runtime.h in {', '.join(map(str, includes))}: "
-            "building the CPU kernels only (set CUDA_HOME to the CUDA toolkit for the CUDA kernels)"
+            f"recis: torch has CUDA but no cuda_runtime.h was found under {CUDA_HOME} (CUDA_HOME, guessed "
+            "from the nvcc on the PATH when unset), CUDA_INC_PATH, CPATH or CPLUS_INCLUDE_PATH: building the "
+            "CPU kernels only (set CUDA_HOME to the CUDA toolkit for the CUDA kernels)"
         )
         return False
     return True
+
+
+def cuda_include_dir() -> Path | None:
+    """Where the compiler finds ``cuda_runtime.h``: a directory torch's build passes or the compiler
+    searches (``CUDA_HOME/include``, ``CUDA_INC_PATH``, ``CPATH``, ``CPLUS_INCLUDE_PATH``), else the
+    toolkit's ``targets/*/include`` (conda's layout, which torch does not pass), else None."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return None
+    searched = [Path(CUDA_HOME) / "include"]
+    for variable in ("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH"):
+        searched += [Path(entry) for entry in os.environ.get(variable, "").split(os.pathsep) if entry]
+    searched += sorted(Path(CUDA_HOME).glob("targets/*/include"))
+    return next((directory for directory in searched if (directory / "cuda_runtime.h").exists()), None)
 
 
 def cuda_arch_list() -> str | None:
     """The ``TORCH_CUDA_ARCH_LIST`` to build the CUDA kernels with when none is set and no GPU is
     visible: the architectures torch was built for that this toolkit's nvcc compiles, the newest
     also as PTX (for later GPUs), e.g. ``"7.5;8.0;9.0+PTX"``. None when the user set one, a GPU is
-    visible (torch then compiles for the visible GPUs) or nothing is known."""
+    visible (torch then compiles for the visible GPUs) or none is known (torch's own error follows:
+    set ``TORCH_CUDA_ARCH_LIST``)."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
         return None
     arches = [arch[3:] for arch in torch.cuda.get_arch_list() if re.fullmatch(r"sm_\d+", arch)]
@@ -89,12 +105,35 @@ def _nvcc_arches() -> set[str] | None:
     return found if listed.returncode == 0 and found else None
 
 
-def choose_cuda_arch_list() -> None:
-    """Set ``TORCH_CUDA_ARCH_LIST`` to ``cuda_arch_list()`` where that gives one, and say so."""
+def cuda_build_environment() -> dict[str, str]:
+    """What torch's CUDA build needs in the environment that it cannot find by itself: the
+    architectures (``cuda_arch_list``) and the headers' directory when only the toolkit's
+    ``targets/*/include`` has them (as ``CUDA_INC_PATH``). Says what it sets."""
+    settings = {}
     arch_list = cuda_arch_list()
     if arch_list is not None:
         print(f"recis: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for {arch_list}")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        settings["TORCH_CUDA_ARCH_LIST"] = arch_list
+    include = cuda_include_dir()
+    if include is not None and include.parent.parent.name == "targets" and not os.environ.get("CUDA_INC_PATH"):
+        print(f"recis: the CUDA runtime headers are in {include}: passing it as CUDA_INC_PATH")
+        settings["CUDA_INC_PATH"] = str(include)
+    return settings
+
+
+@contextlib.contextmanager
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``settings`` inside the block, as it was after it."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _prebuilt() -> Path | None:
@@ -112,11 +151,13 @@ def _jit_build() -> None:
         raise FileNotFoundError(f"no built recis._C and no sources in {CSRC_DIR}")
     sources = cpu_sources()
     flags = {"extra_cflags": ["-O3"]}
+    settings = {}
     if cuda_buildable():
-        choose_cuda_arch_list()
+        settings = cuda_build_environment()
         sources += cuda_sources()
         flags.update(extra_cuda_cflags=["-O3"], extra_cflags=["-O3", "-DRECIS_WITH_CUDA"])
-    load(name="recis_native", sources=[str(s) for s in sources], is_python_module=False, **flags)
+    with environment(settings):  # the user's process keeps its own environment
+        load(name="recis_native", sources=[str(s) for s in sources], is_python_module=False, **flags)
 
 
 def load_native_library() -> None:
