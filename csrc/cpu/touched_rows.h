@@ -56,7 +56,7 @@ class RowGradients {
     if (offsets_ == nullptr) return;
     const int64_t end = std::min(offsets_[u + 1], offsets_[u] + kMaxPrefetchedRepeats);
     for (int64_t k = offsets_[u]; k < end; ++k) {
-      prefetch_row_for_reading(pieces_.row(order_[k]), pieces_.row_bytes());
+      prefetch_row<Access::kRead>(pieces_.row(order_[k]), pieces_.row_bytes());
     }
   }
 

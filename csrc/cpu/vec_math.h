@@ -60,22 +60,16 @@ inline void prefetch_write(const void* p) {
 #endif
 }
 
-inline void prefetch_read(const void* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 3);
-#endif
-}
+// What a prefetched row is for: only reading (a gradient) or writing too (a row, its slots).
+enum class Access { kRead = 0, kWrite = 1 };
 
-// Prefetch the cache lines of a row of `bytes` bytes that will be written.
+// Prefetch the cache lines of a row of `bytes` bytes.
+template <Access access = Access::kWrite>
 inline void prefetch_row(const void* row, int64_t bytes) {
+#if defined(__GNUC__)
   const char* p = static_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) prefetch_write(p + b);
-}
-
-// Prefetch the cache lines of a row of `bytes` bytes that will only be read.
-inline void prefetch_row_for_reading(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) prefetch_read(p + b);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, static_cast<int>(access), 3);
+#endif
 }
 
 }  // namespace recis::cpu
