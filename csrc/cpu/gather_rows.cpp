@@ -7,9 +7,12 @@
 #include <cstring>
 
 #include "row_pieces.h"
+#include "vec_math.h"
 
 namespace recis::cpu {
 namespace {
+
+constexpr int64_t kPrefetchDistance = 16;  // rows ahead: the rows lie anywhere
 
 at::Tensor gather_rows(at::TensorList pieces_in, const at::Tensor& index_in) {
   TORCH_CHECK(index_in.scalar_type() == at::kLong && index_in.dim() == 1, "gather_rows: index must be 1-D int64");
@@ -27,7 +30,10 @@ at::Tensor gather_rows(at::TensorList pieces_in, const at::Tensor& index_in) {
   const int64_t row_bytes = pieces.row_bytes();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) std::memcpy(destination + i * row_bytes, pieces.row(position[i]), row_bytes);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kPrefetchDistance < end) prefetch_row<Access::kRead>(pieces.row(position[i + kPrefetchDistance]), row_bytes);
+      std::memcpy(destination + i * row_bytes, pieces.row(position[i]), row_bytes);
+    }
   });
   return out;
 }

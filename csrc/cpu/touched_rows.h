@@ -17,7 +17,7 @@
 
 namespace recis::cpu {
 
-constexpr int64_t kPrefetchDistance = 4;       // rows ahead
+constexpr int64_t kPrefetchDistance = 8;       // rows ahead
 constexpr int64_t kMaxPrefetchedRepeats = 16;  // gradient rows of one row
 
 // A row of T seen in the compute type C: the row itself when T is C, else a widened
