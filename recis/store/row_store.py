@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from recis.ops import IdMap
+from recis.ops import IdMap, gather_rows
 from recis.ops.huge_pages import empty_rows, zero_rows
 
 # The first values of new rows: a function of the new ids, or values for all the ids asked for.
@@ -134,7 +134,7 @@ class RowStore:
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The values of ``rows``, ``(len(rows), dim)``; a copy."""
-        return self._weight.index_select(0, rows)
+        return gather_rows(self._weight, rows)
 
     def scatter(self, rows: torch.Tensor, values: torch.Tensor | None, slots: dict[str, torch.Tensor] = {}) -> None:  # noqa: B006 (read only)
         """Overwrite the values of distinct ``rows`` (when given) and the named slots' entries."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from native_support import require_native
 
-from recis.ops import IdMap, backend, choose_backend, coalesce_rows, use_backend
+from recis.ops import IdMap, backend, choose_backend, coalesce_rows, gather_rows, native_kernels, use_backend
 from recis.ops.id_map import TorchIdMap
 from recis.ops.native_id_map import NativeIdMap
 
@@ -94,3 +94,36 @@ def test_adamw_tf_on_cuda_is_routed_to_torch_on_purpose_and_announced(monkeypatc
         assert choose_backend("cuda", "adamw_tf_multi_tensor") == "torch"
     with use_backend("native"):
         assert choose_backend("cuda", "sparse_adam_update") == "native"
+
+
+@pytest.fixture
+def native_gathers(monkeypatch) -> list[int]:
+    """Counts the native gather_rows calls (each appends its index length)."""
+    calls: list[int] = []
+    native_gather = native_kernels.gather_rows
+
+    def counted(rows, index):
+        calls.append(index.numel())
+        return native_gather(rows, index)
+
+    monkeypatch.setattr(native_kernels, "gather_rows", counted)
+    return calls
+
+
+def test_one_table_is_gathered_natively_unless_autograd_tracks_it(native_gathers):
+    table = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([3, 49, 0, 3])
+    with use_backend("native"):
+        assert torch.equal(gather_rows(table, index), table.index_select(0, index))
+        assert native_gathers == [4]
+        tracked = table.clone().requires_grad_()
+        gather_rows(tracked, index).sum().backward()  # torch's differentiable gather
+        assert native_gathers == [4]
+        assert torch.equal(tracked.grad[3], torch.full((6,), 2.0)) and tracked.grad[1].abs().sum() == 0
+        with torch.no_grad():
+            gather_rows(tracked, index)
+        assert native_gathers == [4, 4]
+        assert torch.equal(gather_rows(torch.arange(10), index[index < 10]), torch.tensor([3, 0, 3]))  # 1-D: torch
+    with use_backend("torch"):
+        gather_rows(table, index)
+    assert native_gathers == [4, 4]

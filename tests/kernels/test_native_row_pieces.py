@@ -29,6 +29,14 @@ def test_native_gather_equals_index_select_of_the_concatenation(dtype, sizes):
     assert torch.equal(native, torch.cat(pieces)[index])
 
 
+@pytest.mark.parametrize(("dtype", "width"), [(torch.uint8, 7), (torch.float32, 1), (torch.float32, 129)])
+def test_native_gather_of_many_scattered_rows_equals_index_select(dtype, width):
+    """Long enough that rows are prefetched ahead, with rows of under one cache line and of several."""
+    pieces = _pieces([3000, 1, 2000], width, dtype)
+    index = torch.randint(0, 5001, (20_000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(native_kernels.gather_rows(pieces, index), torch.cat(pieces)[index])
+
+
 def test_native_gather_of_no_index_and_of_non_contiguous_pieces():
     pieces = _pieces([4, 3], 6, torch.float32)
     assert native_kernels.gather_rows(pieces, torch.empty(0, dtype=torch.int64)).shape == (0, 6)
