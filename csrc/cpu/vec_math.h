@@ -66,8 +66,8 @@ enum class Access { kRead = 0, kWrite = 1 };
 // Prefetch the cache lines of a row of `bytes` bytes into L2 (prefetcht1 on x86), before it is
 // read or written. On x86-64 the instruction is written out: GCC 12 at -O2/-O3 deleted loops of
 // __builtin_prefetch where they were inlined (a prefetch alone is no side effect), so the fused
-// updates had run without their row prefetches. On an AMD EPYC (Zen 4), case e's 26 Adam updates
-// took 18-20 ms prefetching into L2, 26-28 ms into L1 (prefetcht0), 31-45 ms without prefetches.
+// updates had run without their row prefetches. On an AMD EPYC (Zen 4), 26 Adam updates of case
+// e's shape took 19-22 ms prefetching into L2, 26-28 ms into L1 (prefetcht0), 28-45 ms without.
 template <Access access = Access::kWrite>
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);

@@ -30,19 +30,21 @@ def coalesce_rows(rows: torch.Tensor, grads: RowsOrPieces) -> tuple[torch.Tensor
 
 def gather_rows(rows: RowsOrPieces, index: torch.Tensor) -> torch.Tensor:
     """The rows of a tensor, or of its pieces' concatenation, at ``index`` (``recis.ops.gather``)."""
-    if isinstance(rows, torch.Tensor) and not _native_gather_takes(rows):
+    if isinstance(rows, torch.Tensor) and not _native_gather_takes(rows, index):
         return rows.index_select(0, index)
     native = choose_backend(index.device, "gather_rows") == "native"
     return (native_kernels if native else gather).gather_rows(rows, index)
 
 
-def _native_gather_takes(rows: torch.Tensor) -> bool:
-    """Whether one tensor's rows may be gathered by the native kernel: a 2-D CPU tensor that autograd
-    does not track (``index_select`` is differentiable and is the kernel on a GPU). On the rows
-    of a table (8,192 of 34,447, dims 8-64, 26 tables; AMD EPYC) the native gather took 4-7 ms
-    against ``index_select``'s 21-23 ms."""
+def _native_gather_takes(rows: torch.Tensor, index: torch.Tensor) -> bool:
+    """Whether one tensor's rows may be gathered by the native kernel: a contiguous 2-D CPU tensor
+    that autograd does not track, at an int64 index (``index_select`` takes the rest: it is
+    differentiable, the kernel on a GPU, and copies nothing first). On the rows of a table
+    (8,192 of 34,447, dims 8-64, 26 tables; AMD EPYC) the native gather took 4-7 ms against
+    ``index_select``'s 21-23 ms."""
     tracked = rows.requires_grad and torch.is_grad_enabled()
-    return rows.device.type == "cpu" and rows.dim() == 2 and not tracked
+    layout = rows.device.type == "cpu" and rows.dim() == 2 and rows.is_contiguous()
+    return layout and not tracked and index.dtype == torch.int64 and index.dim() == 1
 
 
 def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:

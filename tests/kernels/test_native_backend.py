@@ -124,6 +124,8 @@ def test_one_table_is_gathered_natively_unless_autograd_tracks_it(native_gathers
             gather_rows(tracked, index)
         assert native_gathers == [4, 4]
         assert torch.equal(gather_rows(torch.arange(10), index[index < 10]), torch.tensor([3, 0, 3]))  # 1-D: torch
+        assert torch.equal(gather_rows(table.t(), torch.tensor([1])), table.t()[1:2])  # not contiguous: torch
+        assert torch.equal(gather_rows(table, index.int()), table[index])  # int32 index: torch
     with use_backend("torch"):
         gather_rows(table, index)
     assert native_gathers == [4, 4]
