@@ -28,6 +28,7 @@ at::Tensor gather_rows(at::TensorList pieces_in, const at::Tensor& index_in) {
   const int64_t* position = index.data_ptr<int64_t>();
   char* destination = static_cast<char*>(out.data_ptr());
   const int64_t row_bytes = pieces.row_bytes();
+  if (n == 0 || row_bytes == 0) return out;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

@@ -5,6 +5,7 @@ for its tensors' device at that moment (``recis/ops/backend.py``), the native ke
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from recis.ops import adamw_tf_update, coalesce, gather, native_kernels, partition, sparse_adagrad_update
 from recis.ops.backend import choose_backend
@@ -37,14 +38,16 @@ def gather_rows(rows: RowsOrPieces, index: torch.Tensor) -> torch.Tensor:
 
 
 def _native_gather_takes(rows: torch.Tensor, index: torch.Tensor) -> bool:
-    """Whether one tensor's rows may be gathered by the native kernel: a contiguous 2-D CPU tensor
-    that autograd does not track, at an int64 index (``index_select`` takes the rest: it is
-    differentiable, the kernel on a GPU, and copies nothing first). On the rows of a table
-    (8,192 of 34,447, dims 8-64, 26 tables; AMD EPYC) the native gather took 4-7 ms against
-    ``index_select``'s 21-23 ms."""
-    tracked = rows.requires_grad and torch.is_grad_enabled()
+    """Whether one tensor's rows may be gathered by the native kernel: a plain (not quantized, not
+    a subclass), contiguous 2-D CPU tensor that no autograd mode tracks, at an int64 index on
+    its device (``index_select`` takes the rest: it is differentiable, the kernel on a GPU, and
+    copies nothing first). On the rows of a table (8,192 of 34,447, dims 8-64, 26 tables; AMD
+    EPYC) the native gather took 4-7 ms against ``index_select``'s 21-23 ms."""
+    plain = type(rows) in (torch.Tensor, torch.nn.Parameter) and rows.layout == torch.strided and not rows.is_quantized
     layout = rows.device.type == "cpu" and rows.dim() == 2 and rows.is_contiguous()
-    return layout and not tracked and index.dtype == torch.int64 and index.dim() == 1
+    tracked = (rows.requires_grad and torch.is_grad_enabled()) or forward_ad.unpack_dual(rows).tangent is not None
+    at_index = index.dtype == torch.int64 and index.dim() == 1 and index.device == rows.device
+    return plain and layout and not tracked and at_index
 
 
 def sum_by_index(index: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from native_support import require_native
+from torch.autograd import forward_ad
 
 from recis.ops import IdMap, backend, choose_backend, coalesce_rows, gather_rows, native_kernels, use_backend
 from recis.ops.id_map import TorchIdMap
@@ -110,6 +111,11 @@ def native_gathers(monkeypatch) -> list[int]:
     return calls
 
 
+class _TableSubclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's make_dual
 def test_one_table_is_gathered_natively_unless_autograd_tracks_it(native_gathers):
     table = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
     index = torch.tensor([3, 49, 0, 3])
@@ -126,6 +132,11 @@ def test_one_table_is_gathered_natively_unless_autograd_tracks_it(native_gathers
         assert torch.equal(gather_rows(torch.arange(10), index[index < 10]), torch.tensor([3, 0, 3]))  # 1-D: torch
         assert torch.equal(gather_rows(table.t(), torch.tensor([1])), table.t()[1:2])  # not contiguous: torch
         assert torch.equal(gather_rows(table, index.int()), table[index])  # int32 index: torch
+        subclassed = gather_rows(table.as_subclass(_TableSubclass), index)  # torch keeps the subclass
+        assert type(subclassed) is _TableSubclass and torch.equal(subclassed, table[index])
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(table, torch.ones_like(table))
+            assert torch.equal(forward_ad.unpack_dual(gather_rows(dual, index)).tangent, torch.ones(4, 6))
     with use_backend("torch"):
         gather_rows(table, index)
     assert native_gathers == [4, 4]

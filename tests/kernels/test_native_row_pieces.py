@@ -40,6 +40,7 @@ def test_native_gather_of_many_scattered_rows_equals_index_select(dtype, width):
 def test_native_gather_of_no_index_and_of_non_contiguous_pieces():
     pieces = _pieces([4, 3], 6, torch.float32)
     assert native_kernels.gather_rows(pieces, torch.empty(0, dtype=torch.int64)).shape == (0, 6)
+    assert native_kernels.gather_rows([torch.empty(5, 0)], torch.tensor([4, 0])).shape == (2, 0)
     strided = [piece[:, ::2] for piece in pieces]
     index = torch.tensor([6, 0, 3, 4])
     assert torch.equal(native_kernels.gather_rows(strided, index), torch.cat(strided)[index])
