@@ -8,12 +8,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "touched_rows.h"  // kPrefetchDistance: prefetch as far ahead as the update
 #include "vec_math.h"
 
 namespace recis::cpu {
 namespace {
-
-constexpr int64_t kPrefetchDistance = 8;  // as the update (csrc/cpu/touched_rows.h)
 
 void scale_row(float* x, int64_t dim, float scale) {
   for_each_vector<float>(dim, [&](int64_t j, int64_t n) { store(load(x + j, n) * Vectorized<float>(scale), x + j, n); });
